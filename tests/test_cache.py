@@ -1,5 +1,6 @@
 """run_with_cache gives a transformer_lens.ActivationCache whose residual-stream tools work unchanged:
-decompose_resid, accumulated_resid, stack_head_results, apply_ln_to_stack, logit_attrs; stop_at_layer."""
+decompose_resid, accumulated_resid, stack_head_results, apply_ln_to_stack, logit_attrs; stop_at_layer and
+start_at_layer."""
 
 from __future__ import annotations
 
@@ -214,6 +215,48 @@ def test_stop_at_layer_equals_resid_pre(model, x):
         fired = []
         model.run_with_hooks(x, stop_at_layer=1, fwd_hooks=[(lambda n: True, lambda a, hook: fired.append(hook.name))])
     assert fired[-1] == "blocks.0.hook_resid_post" and not any(n.startswith("blocks.1.") for n in fired)
+
+
+# ------------------------------------------------------------------ start_at_layer
+def test_start_at_layer_resumes_the_forward_exactly(model, x):
+    with torch.no_grad():
+        full = model(x)
+        _, cache = model.run_with_cache(x, names_filter=lambda n: "hook_resid_p" in n)
+        for l in range(DEPTH):
+            resid = cache[f"blocks.{l}.hook_resid_pre"]
+            assert torch.equal(model(resid, start_at_layer=l), full)
+            assert torch.equal(model(resid, start_at_layer=l - DEPTH), full)
+        last = cache[f"blocks.{DEPTH - 1}.hook_resid_post"]
+        assert torch.equal(model(last, start_at_layer=DEPTH), full)  # only the final norm and head
+        # with stop_at_layer: a middle slice of the blocks
+        mid = model(cache["blocks.0.hook_resid_pre"], start_at_layer=0, stop_at_layer=2)
+        assert torch.equal(mid, cache["blocks.2.hook_resid_pre"])
+        # hooks before the start do not fire, the ones after do
+        fired = []
+        model.run_with_hooks(cache["blocks.1.hook_resid_pre"], start_at_layer=1,
+                             fwd_hooks=[(lambda n: True, lambda a, hook: fired.append(hook.name))])
+    assert fired[0] == "blocks.1.hook_resid_pre" and "hook_pooled" in fired
+    assert not any(n.startswith(("blocks.0.", "hook_embed", "hook_pos_embed")) for n in fired)
+
+
+def test_start_at_layer_refuses_bad_input(model, x):
+    resid = torch.zeros(2, P, model.cfg.d_model)
+    with pytest.raises(ValueError, match="residual stream"):
+        model(x, start_at_layer=1)  # images instead of a residual stream
+    with pytest.raises(ValueError, match=r"start_at_layer must be an int in -3\.\.3"):
+        model(resid, start_at_layer=4)
+    with pytest.raises(ValueError, match="start_at_layer must be an int"):
+        model(resid, start_at_layer=1.5)
+    with pytest.raises(ValueError, match="comes before"):
+        model(resid, start_at_layer=2, stop_at_layer=1)
+
+
+def test_start_at_layer_avg_pool_needs_an_image_token():
+    m = HookedViT.from_timm(make_timm("vit_tiny_patch16_224", seed=0, img_size=IMG, patch_size=PATCH, depth=1,
+                                      num_classes=N_CLASSES, global_pool="avg"))
+    with pytest.raises(ValueError, match="at least one image token"):
+        m(torch.zeros(1, 1, m.cfg.d_model), start_at_layer=1)
+    assert m(torch.zeros(1, 2, m.cfg.d_model), start_at_layer=1).shape == (1, N_CLASSES)
 
 
 def test_return_type_none(model, x):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import operator
 import os
 from typing import Any, Callable, List, Literal, Optional, Sequence, Union
 
@@ -81,31 +82,45 @@ class HookedViT(HookedRootModule):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        images: Float[Tensor, "batch chans height width"],
+        images: Union[Float[Tensor, "batch chans height width"], Float[Tensor, "batch pos d_model"]],
         return_type: ReturnType = "logits",
         stop_at_layer: Optional[int] = None,
+        start_at_layer: Optional[int] = None,
     ) -> Union[Float[Tensor, "batch n_classes"], Float[Tensor, "batch pos d_model"], None]:
         """Run the model.
 
         Args:
-            images: a normalised batch [batch, in_chans, height, width] (see :meth:`preprocess`).
+            images: a normalised batch [batch, in_chans, height, width] (see :meth:`preprocess`);
+                with ``start_at_layer``, the residual stream [batch, pos, d_model] entering that
+                block instead (e.g. ``cache["blocks.6.hook_resid_pre"]``).
             return_type: ``"logits"`` returns the class logits [batch, n_classes] (the pooled
                 classifier input [batch, d_model] for a headless model); ``None`` returns nothing
                 (useful with :meth:`run_with_cache`).
             stop_at_layer: if given, run blocks ``0 .. stop_at_layer - 1`` only and return the
                 residual stream entering block ``stop_at_layer`` [batch, pos, d_model]
                 (negative values count from the end, as in TransformerLens).
+            start_at_layer: if given, skip the embeddings and blocks ``0 .. start_at_layer - 1``
+                and run from block ``start_at_layer`` on the residual stream passed as ``images``;
+                ``n_layers`` runs only the final norm and head. Negative values count from the
+                end. Hooks before that block do not fire. Combines with ``stop_at_layer``.
         """
         if return_type not in ("logits", None):
             raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}")
-        grid = self._check_images(images)
-        embed = self.hook_embed(self.embed(images))
-        pos = self.hook_pos_embed(self.pos_embed(embed.shape[0], grid))
-        resid = embed + pos
-        if self.ln_pre is not None:
-            resid = self.ln_pre(resid)
-        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
-        for block in blocks:
+        if start_at_layer is None:
+            grid = self._check_images(images)
+            embed = self.hook_embed(self.embed(images))
+            pos = self.hook_pos_embed(self.pos_embed(embed.shape[0], grid))
+            resid = embed + pos
+            if self.ln_pre is not None:
+                resid = self.ln_pre(resid)
+            start = 0
+        else:
+            start = self._check_residual(images, start_at_layer)
+            resid = images
+        stop = len(range(self.cfg.n_layers)[:stop_at_layer])  # slice semantics, as before
+        if stop < start:
+            raise ValueError(f"stop_at_layer ({stop_at_layer}) comes before start_at_layer ({start_at_layer})")
+        for block in self.blocks[start:stop]:
             resid = block(resid)
         if stop_at_layer is not None:
             return resid
@@ -113,6 +128,32 @@ class HookedViT(HookedRootModule):
         if return_type is None:
             return None
         return self._classify(pooled)
+
+    def _check_residual(self, resid: Any, start_at_layer: int) -> int:
+        """Validate a residual-stream input for ``start_at_layer``; returns the block index."""
+        cfg = self.cfg
+        L = cfg.n_layers
+        given = start_at_layer
+        try:
+            start_at_layer = operator.index(start_at_layer)
+        except TypeError:
+            start_at_layer = None
+        if start_at_layer is None or not -L <= start_at_layer <= L:
+            raise ValueError(f"start_at_layer must be an int in -{L}..{L} ({cfg.model_name} has {L} blocks), got {given!r}")
+        start = start_at_layer if start_at_layer >= 0 else start_at_layer + L
+        where = f"blocks.{start}.hook_resid_pre" if start < L else f"blocks.{L - 1}.hook_resid_post"
+        if not isinstance(resid, Tensor) or resid.ndim != 3 or resid.shape[-1] != cfg.d_model:
+            got = tuple(resid.shape) if isinstance(resid, Tensor) else type(resid).__name__
+            raise ValueError(
+                f"with start_at_layer, pass the residual stream [batch, pos, {cfg.d_model}] entering that block "
+                f"(e.g. cache['{where}']), not images; got {got}"
+            )
+        if resid.shape[1] <= cfg.n_prefix_tokens and cfg.pooling not in ("token", "token_dist"):
+            raise ValueError(
+                f"the residual stream has {resid.shape[1]} positions; {cfg.model_name} averages its image "
+                f"tokens, so it needs its {cfg.n_prefix_tokens} prefix token(s) and at least one image token"
+            )
+        return start
 
     def _pool(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_model"]:
         """Final norm(s) and pooling: the vector the classifier reads."""

@@ -685,16 +685,12 @@ def _forward_from(model: Any, start: Optional[int], x: Tensor, prune_last: bool 
     """
     if start is None:
         return model(x)
-    blocks = list(model.blocks[start:])
-    last = None
-    if prune_last and len(blocks) > 0 and _can_prune_last(model):
-        last = blocks.pop()
-    for block in blocks:
-        x = block(x)
-    if last is not None:
-        x = _pooled_tokens_of_last_block(model, last, x)
-    pooled = model.hook_pooled(model._pool(x))
-    return model._classify(pooled)
+    L = model.cfg.n_layers
+    if not (prune_last and start < L and _can_prune_last(model)):
+        return model(x, start_at_layer=start)
+    x = model(x, start_at_layer=start, stop_at_layer=L - 1)
+    x = _pooled_tokens_of_last_block(model, model.blocks[L - 1], x)
+    return model(x, start_at_layer=L)
 
 
 def _n_pooled(model: Any) -> int:
