@@ -1,6 +1,7 @@
 """Batched layer x position patching sweep vs a naive one-run-per-patch loop, in one run.
 
     python benchmarks/bench_patching.py [--model vit_base_patch16_224] [--naive-runs 48] [--threads 2]
+                                        [--device cpu|cuda]
 
 Setup: a random-initialised timm model (the hub is unreachable; speed does not depend on the
 weights) converted to a HookedViT, float32, CPU, ``torch.inference_mode``. One clean/corrupted
@@ -20,6 +21,12 @@ images). Metric: the logit of the clean image's top class. The full sweep patche
 The batched sweep is run one layer at a time (one call per layer, each including its own clean and
 corrupted baseline runs, so slightly pessimistic), and each layer's naive runs are timed right
 before and after it, so that load from other processes on the machine hits both alike.
+
+It also prints the ratio of matmul FLOPs (naive loop / batched sweep), counted from the config:
+the speed-up an exact batched sweep can reach where both are compute-bound, as on a CPU, where a
+batch-1 forward already keeps the cores busy. Starting at the patched layer and computing only
+[CLS] in the last block leave about 2.1x fewer FLOPs on ViT-B/16; the rest of any larger
+speed-up must come from batching runs that a device cannot fill one at a time (a GPU).
 
 Target (issue 5): batched >= 4x faster than naive, identical results.
 """
@@ -49,6 +56,37 @@ def _pair(model):
     return torch.randn(shape, generator=g), torch.randn(shape, generator=g), "random images"
 
 
+def matmul_flops(cfg, n_pos: int) -> dict:
+    """Multiply-add FLOPs (x2) of the pieces of a forward pass, batch 1, ``n_pos`` tokens."""
+    d, m, P = cfg.d_model, cfg.d_mlp, n_pos
+    hd = cfg.n_heads * cfg.d_head
+    per_token = 2 * (3 * d * hd + hd * d + 2 * d * m)  # q, k, v, o, mlp in/out
+    attn = 2 * 2 * P * hd  # scores and pattern @ v, per query token
+    patch = 2 * cfg.in_chans * cfg.patch_size[0] * cfg.patch_size[1] * d
+    head = 2 * d * max(cfg.n_classes, 0)
+    block = P * (per_token + attn)
+    # last block for the pooled token(s) only: k, v of every token, the rest for n rows
+    n = 1 if cfg.pooling == "token" else 2
+    pruned = P * 2 * 2 * d * hd + n * (per_token - 2 * 2 * d * hd + attn)
+    return dict(block=block, pruned_block=pruned, embed=(P - cfg.n_prefix_tokens) * patch, head=head)
+
+
+def flop_ratio(cfg, n_pos: int) -> float:
+    """FLOPs of the naive loop (one full forward per patch) / those of the batched sweep (runs
+    start at the patched layer, last block pruned to the pooled tokens, plus two baseline runs)."""
+    f = matmul_flops(cfg, n_pos)
+    L = cfg.n_layers
+    full = f["embed"] + L * f["block"] + f["head"]
+    naive = L * n_pos * full
+    batched = 2 * full + n_pos * sum((L - 1 - l) * f["block"] + f["pruned_block"] + f["head"] for l in range(L))
+    return naive / batched
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main(argv=None) -> int:
     import timm
     from tqdm.auto import tqdm
@@ -58,22 +96,28 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_base_patch16_224")
-    p.add_argument("--naive-runs", type=int, default=48, help="naive runs timed (random subset)")
+    p.add_argument("--naive-runs", type=int, default=48,
+                   help="naive runs timed (random subset, the same number per layer); 0 times all of them")
     p.add_argument("--memory-mb", type=float, default=512, help="memory budget of one batched chunk")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here")
 
     torch.manual_seed(args.seed)
-    model = HookedViT.from_timm(timm.create_model(args.model, pretrained=False).eval())
+    model = HookedViT.from_timm(timm.create_model(args.model, pretrained=False).eval(), device=device)
     clean, corrupted, what = _pair(model)
+    clean, corrupted = clean.to(device), corrupted.to(device)
     with torch.inference_mode():
         target = int(model(clean).argmax(-1))
     metric = logit_metric(target)
     L, P = model.cfg.n_layers, model.cfg.n_ctx
-    print(f"{args.model}: {L} layers x {P} positions = {L * P} patched runs; pair: {what}; "
-          f"{torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.model}: {L} layers x {P} positions = {L * P} patched runs; pair: {what}; {where}")
 
     with torch.inference_mode():
         _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
@@ -93,29 +137,33 @@ def main(argv=None) -> int:
             return float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, hook)]))[0])
 
     rng = random.Random(args.seed)
-    per_layer = max(1, args.naive_runs // L)
+    per_layer = P if args.naive_runs <= 0 else max(1, args.naive_runs // L)
     subset = {l: rng.sample(range(P), min(per_layer, P)) for l in range(L)}
     naive(0, 1)  # warm-up
     naive_vals, naive_times, batched_times, values, plain_times = {}, [], [], [], []
 
     def time_naive(pairs):
         for l, q in pairs:
+            _sync(device)
             t = time.perf_counter()
-            naive_vals[(l, q)] = naive(l, q)
+            naive_vals[(l, q)] = naive(l, q)  # float(): waits for the device
             naive_times.append(time.perf_counter() - t)
 
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for l in tqdm(range(L), desc="layers (batched sweep + naive subset, interleaved)"):
         half = len(subset[l]) // 2
         time_naive([(l, q) for q in subset[l][:half]])
+        _sync(device)
         t = time.perf_counter()
         r = patch_positions_sweep(model, clean, corrupted, metric, layers=[l], memory_mb=args.memory_mb, progress=False)
-        batched_times.append(time.perf_counter() - t)
+        batched_times.append(time.perf_counter() - t)  # results come back on the CPU: synchronised
         values.append(r.values[0])
         time_naive([(l, q) for q in subset[l][half:]])
         with torch.inference_mode():
+            _sync(device)
             t = time.perf_counter()
             model(corrupted)
+            _sync(device)
             plain_times.append(time.perf_counter() - t)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     res_values = torch.stack(values)  # [layer, pos, batch]
@@ -128,7 +176,8 @@ def main(argv=None) -> int:
     print()
     print("| variant | runs timed | time | per patched run | ratio vs naive |")
     print("|---|---|---|---|---|")
-    print(f"| naive run_with_hooks loop (extrapolated) | {len(naive_times)} of {L * P} | {naive_total:.0f} s | "
+    how = "" if len(naive_times) == L * P else " (extrapolated)"
+    print(f"| naive run_with_hooks loop{how} | {len(naive_times)} of {L * P} | {naive_total:.0f} s | "
           f"{per_run * 1e3:.0f} ms | 1.00x |")
     print(f"| batched patch_positions_sweep | {L * P} | {batched_s:.0f} s | {batched_s / (L * P) * 1e3:.0f} ms | "
           f"{naive_total / batched_s:.2f}x faster |")
@@ -140,6 +189,8 @@ def main(argv=None) -> int:
           f"a plain batch-1 forward (no hooks), timed alongside: median {statistics.median(plain_times) * 1e3:.0f} ms")
     print(f"identical results on the {len(diffs)} naive runs: max |metric diff| = {max(diffs):.2e}, "
           f"max |normalised diff| = {max(ndiffs):.2e} (clean {float(clean_m):.4f}, corrupted {float(corr_m):.4f})")
+    print(f"matmul FLOPs, naive loop / batched sweep: {flop_ratio(model.cfg, P):.2f}x (the most an exact "
+          f"batched sweep gains where a batch-1 forward is already compute-bound)")
     speedup = naive_total / batched_s
     ok = speedup >= TARGET and max(ndiffs) <= 1e-4
     print(f"target >= {TARGET}x and identical results (normalised diff <= 1e-4): {'MET' if ok else 'NOT MET'} "
