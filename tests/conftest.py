@@ -74,6 +74,23 @@ def make_timm(name: str, seed: int = 0, **kwargs):
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
+def spread_head(t, seed: int = 1):
+    """Give a random-init timm model a larger classifier and final-norm spread (timm initialises the head
+    at std 0.02 and the norms at 1/0), so logits differ visibly and class ranks are not ties. In place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("head", "head_dist"):
+            h = getattr(t, name, None)
+            if isinstance(h, torch.nn.Linear):
+                h.weight.copy_(torch.randn(h.weight.shape, generator=g))
+                h.bias.copy_(torch.randn(h.bias.shape, generator=g))
+        for norm in (t.norm, t.fc_norm):
+            if isinstance(norm, torch.nn.LayerNorm):
+                norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=g))
+                norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=g))
+    return t
+
+
 @pytest.fixture(scope="session")
 def tiny_pair():
     """(timm model, HookedViT) for a random-initialised vit_tiny_patch16_224."""

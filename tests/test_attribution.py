@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timm.models.vision_transformer import ResPostBlock
 
-from conftest import make_timm
+from conftest import make_timm, spread_head
 from vit_lens import HookedViT
 from vit_lens import attribution as A
 
@@ -29,27 +29,11 @@ FAMILIES = {
 }
 
 
-def _spread(t, seed=1):
-    """Larger random head / final-norm weights than timm's init, so logits differ visibly."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in ("head", "head_dist"):
-            h = getattr(t, name, None)
-            if isinstance(h, torch.nn.Linear):
-                h.weight.copy_(torch.randn(h.weight.shape, generator=g))
-                h.bias.copy_(torch.randn(h.bias.shape, generator=g))
-        for norm in (t.norm, t.fc_norm):
-            if isinstance(norm, torch.nn.LayerNorm):
-                norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=g))
-                norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=g))
-    return t
-
-
 @pytest.fixture(scope="module")
 def families():
     out = {}
     for key, (name, kw) in FAMILIES.items():
-        t = _spread(make_timm(name, **TINY, **kw))
+        t = spread_head(make_timm(name, **TINY, **kw))
         out[key] = (t, HookedViT.from_timm(t))
     return out
 
@@ -229,7 +213,7 @@ def test_memories_scores_from_timm_weights(families):
 
 def test_memory_planted_class_direction_is_found():
     """Known answer: a value vector set to class 6's direction has cosine 1 with class 6."""
-    t = _spread(make_timm("vit_tiny_patch16_224", **TINY))
+    t = spread_head(make_timm("vit_tiny_patch16_224", **TINY))
     with torch.no_grad():
         d = t.norm.weight * t.head.weight[6]
         t.blocks[1].mlp.fc2.weight[:, 42] = 3.0 * (d - d.mean())

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timm.models.vision_transformer import ResPostBlock
 
-from conftest import REAL_VIT, WEIGHTS, make_timm
+from conftest import REAL_VIT, WEIGHTS, make_timm, spread_head
 from vit_lens import HookedViT
 from vit_lens import class_space as cs
 
@@ -32,27 +32,11 @@ FAMILIES = {
 }
 
 
-def _spread_head(t, seed=1):
-    """Random-init heads are tiny (std 0.02): give the classifier a larger spread so ranks are not ties."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in ("head", "head_dist"):
-            h = getattr(t, name, None)
-            if isinstance(h, torch.nn.Linear):
-                h.weight.copy_(torch.randn(h.weight.shape, generator=g))
-                h.bias.copy_(torch.randn(h.bias.shape, generator=g))
-        for norm in (t.norm, t.fc_norm):
-            if isinstance(norm, torch.nn.LayerNorm):
-                norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=g))
-                norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=g))
-    return t
-
-
 @pytest.fixture(scope="module")
 def families():
     out = {}
     for key, (name, kw) in FAMILIES.items():
-        t = _spread_head(make_timm(name, **TINY, **kw))
+        t = spread_head(make_timm(name, **TINY, **kw))
         out[key] = (t, HookedViT.from_timm(t))
     return out
 
