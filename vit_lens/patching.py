@@ -909,9 +909,14 @@ def _layers(model: Any, layers: Union[None, int, Iterable[int]]) -> List[int]:
     return resolve_layers(layers, model.cfg.n_layers)
 
 
-def _sweep_positions(model: Any, positions: Positions, clean: Tensor) -> Tensor:
-    grid = model._check_images(clean)
-    return torch.nonzero(position_mask(model, positions, grid_size=grid)).reshape(-1)
+def _one_position_per_run(model: Any, positions: Positions, clean: Tensor) -> Tuple[Tensor, Tensor]:
+    """The swept positions ``[K]`` and one boolean mask per run selecting one of them ``[K, n_pos]``."""
+    mask = position_mask(model, positions, grid_size=model._check_images(clean))
+    pos_idx = torch.nonzero(mask).reshape(-1)
+    K = pos_idx.numel()
+    pos_masks = torch.zeros(K, mask.numel(), dtype=torch.bool)
+    pos_masks[torch.arange(K), pos_idx] = True
+    return pos_idx, pos_masks
 
 
 def _base_result(model: Any, clean: Tensor) -> Dict[str, Any]:
@@ -963,11 +968,8 @@ def patch_positions_sweep(
         a :class:`PatchingResult` with dims ``("layer", "pos", "batch")``.
     """
     layers = _layers(model, layers)
-    pos_idx = _sweep_positions(model, positions, clean)
-    P_all = position_mask(model, None, grid_size=model._check_images(clean)).numel()
+    pos_idx, pos_masks = _one_position_per_run(model, positions, clean)
     K = pos_idx.numel()
-    pos_masks = torch.zeros(K, P_all, dtype=torch.bool)
-    pos_masks[torch.arange(K), pos_idx] = True
     groups = [_Group(_full_hook_name(model, hook, l), pos_masks, None, K) for l in layers]
     for g in groups:
         if _layout(g.name) not in ("pos", "pos_head"):
@@ -1068,11 +1070,8 @@ def patch_block_every(
         a :class:`PatchingResult` with dims ``("component", "layer", "pos", "batch")``.
     """
     layers = _layers(model, layers)
-    pos_idx = _sweep_positions(model, positions, clean)
-    P_all = position_mask(model, None, grid_size=model._check_images(clean)).numel()
+    pos_idx, pos_masks = _one_position_per_run(model, positions, clean)
     K = pos_idx.numel()
-    pos_masks = torch.zeros(K, P_all, dtype=torch.bool)
-    pos_masks[torch.arange(K), pos_idx] = True
     groups = [_Group(_full_hook_name(model, c, l), pos_masks, None, K) for c in components for l in layers]
     vals, cm, km = _run_groups(
         model, clean, corrupted, metric, groups, memory_mb=memory_mb, chunk_size=chunk_size,
