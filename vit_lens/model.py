@@ -638,6 +638,24 @@ class HookedViT(HookedRootModule):
             cls, name, checkpoint_path=checkpoint_path, device=device, dtype=dtype, timm_kwargs=timm_kwargs, **processing
         )
 
+    def save(self, path: Union[str, os.PathLike]) -> "os.PathLike":
+        """Save weights, config (weight processing and class directions included), class names
+        and preprocessing config to one ``.safetensors`` file; :meth:`load` reads it back.
+
+        Use this rather than ``safetensors.torch.save_file(model.state_dict())``, which refuses
+        the shared Q/K/V storage of a HookedViT (``torch.save(model.state_dict())`` works too).
+        """
+        from vit_lens.loading.saving import save_hooked
+
+        return save_hooked(self, path)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], *, device: Any = None, dtype: Optional[torch.dtype] = None) -> "HookedViT":
+        """Load a model written by :meth:`save` (no timm checkpoint or hub access needed)."""
+        from vit_lens.loading.saving import load_hooked
+
+        return load_hooked(cls, path, device=device, dtype=dtype)
+
     # ------------------------------------------------------------------ images
     def preprocess(self, images: Any, *, mode: Literal["timm", "paper"] = "timm") -> Float[Tensor, "batch chans height width"]:
         """Turn images into a normalised batch on the model's device.
