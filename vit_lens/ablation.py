@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from vit_lens.patching import _class_tensor, _layers, position_mask
+from vit_lens.patching import _class_tensor, _head_mask, _layers, position_mask
 
 __all__ = [
     "EDGE_SETS",
@@ -274,26 +274,14 @@ def _grid_tokens(m: Tensor, n_pre: int) -> Tensor:
 
 def _heads_for(model: Any, layers: List[int], heads: Heads) -> Dict[int, Optional[Tensor]]:
     """layer -> bool [n_heads] (None = all heads)."""
-    H = model.cfg.n_heads
-
-    def one(h) -> Optional[Tensor]:
-        if h is None:
-            return None
-        idx = torch.as_tensor(h, dtype=torch.long).reshape(-1)
-        if idx.numel() and (idx.min() < -H or idx.max() >= H):
-            raise IndexError(f"heads {idx.tolist()} out of range for {H} heads")
-        m = torch.zeros(H, dtype=torch.bool)
-        m[idx % H] = True
-        return m
-
     if isinstance(heads, Mapping):
         L = model.cfg.n_layers
         per = {int(k) % L: v for k, v in heads.items()}
         unknown = set(per) - set(layers)
         if unknown:
             raise ValueError(f"heads given for layers {sorted(unknown)} that are not knocked out (layers={layers})")
-        return {l: one(per[l]) if l in per else None for l in layers}
-    return {l: one(heads) for l in layers}
+        return {l: _head_mask(model, per[l]) if l in per else None for l in layers}
+    return {l: _head_mask(model, heads) for l in layers}
 
 
 def _blocked_per_layer(
