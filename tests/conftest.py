@@ -91,6 +91,18 @@ def spread_head(t, seed: int = 1):
     return t
 
 
+
+def spread_families(families: dict, **common) -> dict:
+    """key -> (timm model, HookedViT) for ``{key: (timm name, kwargs)}``, each random-initialised with
+    ``common`` kwargs added and its head spread by :func:`spread_head`."""
+    from vit_lens import HookedViT
+
+    out = {}
+    for key, (name, kw) in families.items():
+        t = spread_head(make_timm(name, **common, **kw))
+        out[key] = (t, HookedViT.from_timm(t))
+    return out
+
 @pytest.fixture(scope="session")
 def tiny_pair():
     """(timm model, HookedViT) for a random-initialised vit_tiny_patch16_224."""

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timm.models.vision_transformer import ResPostBlock
 
-from conftest import REAL_VIT, WEIGHTS, make_timm, spread_head
+from conftest import REAL_VIT, WEIGHTS, make_timm, spread_families
 from vit_lens import HookedViT
 from vit_lens import class_space as cs
 
@@ -34,11 +34,7 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def families():
-    out = {}
-    for key, (name, kw) in FAMILIES.items():
-        t = spread_head(make_timm(name, **TINY, **kw))
-        out[key] = (t, HookedViT.from_timm(t))
-    return out
+    return spread_families(FAMILIES, **TINY)
 
 
 def _timm_blocks(t, x):
