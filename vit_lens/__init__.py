@@ -17,6 +17,13 @@ _LAZY = {
     "patch_index_to_rowcol": "vit_lens.config",
     "rowcol_to_patch_index": "vit_lens.config",
     "UnsupportedModelError": "vit_lens.loading",
+    # the exceptions every entry point raises on bad input (each also a ValueError / IndexError / KeyError / TypeError)
+    "VitLensError": "vit_lens.core.errors",
+    "InputError": "vit_lens.core.errors",
+    "InputTypeError": "vit_lens.core.errors",
+    "OutOfRangeError": "vit_lens.core.errors",
+    "UnknownNameError": "vit_lens.core.errors",
+    "AmbiguousNameError": "vit_lens.core.errors",
     "supported_models": "vit_lens.loading",
     "sample_image": "vit_lens.samples",
     "sample_image_path": "vit_lens.samples",

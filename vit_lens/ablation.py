@@ -46,6 +46,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from vit_lens.patching import _class_tensor, _head_mask, _layers, position_mask
+from vit_lens.core.errors import InputError, InputTypeError
 
 __all__ = [
     "EDGE_SETS",
@@ -98,10 +99,10 @@ def grid_mask_from_box(
     """
     cfg = _cfg(model)
     if len(box) != 4:
-        raise ValueError(f"box must be (x0, y0, x1, y1), got {box!r}")
+        raise InputError(f"box must be (x0, y0, x1, y1), got {box!r}")
     x0, y0, x1, y1 = (float(v) for v in box)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"box {tuple(box)} is empty: need x0 < x1 and y0 < y1 (pixels, y down)")
+        raise InputError(f"box {tuple(box)} is empty: need x0 < x1 and y0 < y1 (pixels, y down)")
     H, W = cfg.image_size
     if image_size is not None:
         ih, iw = image_size
@@ -153,7 +154,7 @@ def grid_mask_from_segmentation(
     if seg.ndim == 3 and seg.shape[-1] in (3, 4) and not isinstance(segmentation, Tensor):
         seg = seg[..., :3].ne(0).any(-1) if label is None else seg[..., 0]
     if seg.ndim not in (2, 3):
-        raise ValueError(f"a segmentation must be [H, W] or [B, H, W], got shape {tuple(seg.shape)}")
+        raise InputError(f"a segmentation must be [H, W] or [B, H, W], got shape {tuple(seg.shape)}")
     if label is None:
         fg = seg.ne(0) if seg.dtype != torch.bool else seg
     else:
@@ -176,7 +177,7 @@ def token_mask_from_grid(
     cfg = _cfg(model)
     g = torch.as_tensor(grid_mask)
     if g.dtype != torch.bool:
-        raise TypeError(f"expected a boolean mask, got dtype {g.dtype}")
+        raise InputTypeError(f"expected a boolean mask, got dtype {g.dtype}")
     rows, cols = cfg.grid_size
     if g.ndim >= 2 and tuple(g.shape[-2:]) == (rows, cols):
         flat = g.reshape(*g.shape[:-2], rows * cols)
@@ -185,7 +186,7 @@ def token_mask_from_grid(
     elif g.ndim >= 2:
         flat = g.reshape(*g.shape[:-2], -1)  # another grid size (dynamic image sizes)
     else:
-        raise ValueError(
+        raise InputError(
             f"expected a patch-grid mask [{rows}, {cols}] or [{cfg.n_patches}] (optionally with a batch axis), "
             f"got {tuple(g.shape)}"
         )
@@ -232,14 +233,14 @@ def knockout_edges(
     P = n_pre + rows * cols
     if isinstance(edges, Tensor):
         if edges.dtype != torch.bool:
-            raise TypeError(f"an edge mask must be boolean (True = remove the edge), got dtype {edges.dtype}")
+            raise InputTypeError(f"an edge mask must be boolean (True = remove the edge), got dtype {edges.dtype}")
         if edges.ndim not in (2, 3) or tuple(edges.shape[-2:]) != (P, P):
-            raise ValueError(
+            raise InputError(
                 f"an edge mask must be [query_pos, key_pos] = [{P}, {P}] or [batch, {P}, {P}], got {tuple(edges.shape)}"
             )
         return edges
     if not isinstance(edges, str):
-        raise TypeError(f"edges must be one of {EDGE_SETS} or a boolean tensor, got {type(edges).__name__}")
+        raise InputTypeError(f"edges must be one of {EDGE_SETS} or a boolean tensor, got {type(edges).__name__}")
     is_img = torch.zeros(P, dtype=torch.bool)
     is_img[n_pre:] = True
     out = torch.zeros(P, P, dtype=torch.bool)
@@ -249,7 +250,7 @@ def knockout_edges(
         return is_img[:, None] & ~torch.eye(P, dtype=torch.bool)
     if edges in ("no_cls", "cls_no_image"):
         if not cfg.has_class_token:
-            raise ValueError(f"{cfg.model_name} has no [CLS] token, so {edges!r} removes nothing; pick other edges")
+            raise InputError(f"{cfg.model_name} has no [CLS] token, so {edges!r} removes nothing; pick other edges")
         if edges == "no_cls":
             out[n_pre:, 0] = True
         else:
@@ -257,13 +258,13 @@ def knockout_edges(
         return out
     if edges == "within":
         if token_mask is None:
-            raise ValueError("edges='within' needs token_mask (a boolean mask over positions or over the patch grid)")
+            raise InputError("edges='within' needs token_mask (a boolean mask over positions or over the patch grid)")
         m = torch.as_tensor(token_mask)
         if m.shape[-1] != P:
             m = token_mask_from_grid(m, cfg, prefix=True) if (rows, cols) == tuple(cfg.grid_size) else _grid_tokens(m, n_pre)
         m = m.cpu()
         return m[..., :, None] & ~m[..., None, :]
-    raise ValueError(f"unknown edge set {edges!r}; choose one of {EDGE_SETS} or pass a boolean [query, key] mask")
+    raise InputError(f"unknown edge set {edges!r}; choose one of {EDGE_SETS} or pass a boolean [query, key] mask")
 
 
 def _grid_tokens(m: Tensor, n_pre: int) -> Tensor:
@@ -279,7 +280,7 @@ def _heads_for(model: Any, layers: List[int], heads: Heads) -> Dict[int, Optiona
         per = {int(k) % L: v for k, v in heads.items()}
         unknown = set(per) - set(layers)
         if unknown:
-            raise ValueError(f"heads given for layers {sorted(unknown)} that are not knocked out (layers={layers})")
+            raise InputError(f"heads given for layers {sorted(unknown)} that are not knocked out (layers={layers})")
         return {l: _head_mask(model, per[l]) if l in per else None for l in layers}
     return {l: _head_mask(model, heads) for l in layers}
 
@@ -314,12 +315,12 @@ class _ShapeGuard:
         B, N = x.shape[0], x.shape[1]
         b, q, k = self.shape[0], self.shape[-2], self.shape[-1]
         if q not in (1, N) or k != N:
-            raise ValueError(
+            raise InputError(
                 f"the {self.what} mask is for {q} tokens but this run has {N}; build it for this "
                 "image size (grid_size=...) or run images of the model's native size"
             )
         if b not in (1, B):
-            raise ValueError(f"the {self.what} mask has one entry per image for {b} images, but the batch has {B}")
+            raise InputError(f"the {self.what} mask has one entry per image for {b} images, but the batch has {B}")
 
 
 @contextmanager
@@ -360,7 +361,7 @@ def knockout_hooks(
     Arguments as in :func:`attention_knockout`.
     """
     if mode not in ("mask", "paper"):
-        raise ValueError(f"mode must be 'mask' (-inf before the softmax) or 'paper' (zero after it), got {mode!r}")
+        raise InputError(f"mode must be 'mask' (-inf before the softmax) or 'paper' (zero after it), got {mode!r}")
     blocked = _blocked_per_layer(model, edges, layers, heads, token_mask, grid_size)
     hooks = []
     for l, b in blocked.items():
@@ -389,7 +390,7 @@ def knockout_hooks(
 
 def _check_fit(mask: Tensor, x: Tensor, what: str) -> None:
     if mask.shape[-1] != x.shape[-1] or mask.shape[0] not in (1, x.shape[0]):
-        raise ValueError(
+        raise InputError(
             f"the {what} mask {tuple(mask.shape)} does not fit attention of shape {tuple(x.shape)} "
             "(tokens per image and batch size must match)"
         )
@@ -434,7 +435,7 @@ def attention_knockout(
             logits, cache = model.run_with_cache(images)
     """
     if mode not in ("mask", "paper"):
-        raise ValueError(f"mode must be 'mask' (-inf before the softmax) or 'paper' (zero after it), got {mode!r}")
+        raise InputError(f"mode must be 'mask' (-inf before the softmax) or 'paper' (zero after it), got {mode!r}")
     blocked = _blocked_per_layer(model, edges, layers, heads, token_mask, grid_size)
     if not blocked:  # nothing removed: the plain forward, exactly
         yield model
@@ -485,7 +486,7 @@ def _keep_mask(model: Any, keep: Any) -> Tensor:
     cfg = model.cfg
     k = torch.as_tensor(keep)
     if k.dtype != torch.bool:
-        raise TypeError(
+        raise InputTypeError(
             f"keep must be a boolean mask over the patch grid (True = keep), got dtype {k.dtype}; "
             "build one with grid_mask_from_box / grid_mask_from_segmentation"
         )
@@ -497,7 +498,7 @@ def _keep_mask(model: Any, keep: Any) -> Tensor:
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2:
-        raise ValueError(f"keep must be [rows, cols] or [batch, rows, cols], got {tuple(k.shape)}")
+        raise InputError(f"keep must be [rows, cols] or [batch, rows, cols], got {tuple(k.shape)}")
     return tokens
 
 
@@ -507,7 +508,7 @@ def context_ablation_hooks(model: Any, keep: Any) -> Tuple[List[Tuple[str, Any]]
     tokens = _keep_mask(model, keep)
     counts = tokens.sum(-1)
     if bool((counts != counts[0]).any()):
-        raise ValueError(
+        raise InputError(
             f"method='remove' needs the same number of kept tokens in every image of the batch (got "
             f"{counts.tolist()}); run the images one at a time, group them by count, or use method='attention'"
         )
@@ -518,9 +519,9 @@ def context_ablation_hooks(model: Any, keep: Any) -> Tuple[List[Tuple[str, Any]]
     def take(x: Tensor, hook: Any = None) -> Tensor:
         B, P = x.shape[0], x.shape[1]
         if P != tokens.shape[-1]:
-            raise ValueError(f"the keep mask covers {tokens.shape[-1]} tokens but this run has {P}")
+            raise InputError(f"the keep mask covers {tokens.shape[-1]} tokens but this run has {P}")
         if positions.shape[0] not in (1, B):
-            raise ValueError(f"the keep mask has {positions.shape[0]} per-image masks but the batch has {B}")
+            raise InputError(f"the keep mask has {positions.shape[0]} per-image masks but the batch has {B}")
         idx = positions.to(x.device).expand(B, K)
         return x.gather(1, idx[..., None].expand(B, K, x.shape[-1]))
 
@@ -574,7 +575,7 @@ def context_ablation(
         with _attn_masks(model, {l: allow for l in range(model.cfg.n_layers)}, "context-ablation"):
             yield info
     else:
-        raise ValueError(f"method must be 'remove' or 'attention', got {method!r}")
+        raise InputError(f"method must be 'remove' or 'attention', got {method!r}")
 
 
 def context_comparison(
@@ -622,7 +623,7 @@ def context_comparison(
     c = torch.full((B,), c, dtype=torch.long) if isinstance(c, int) else c.cpu()
     m = torch.as_tensor(class_masks)
     if m.dtype != torch.bool:
-        raise TypeError("class_masks must be boolean (True on the class-labelled patches)")
+        raise InputTypeError("class_masks must be boolean (True on the class-labelled patches)")
     grid = token_mask_from_grid(m, cfg, prefix=False)  # [B|1, P], prefix False
     if grid.ndim == 1:
         grid = grid[None]

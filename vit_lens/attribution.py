@@ -62,6 +62,7 @@ from vit_lens.class_space import (
     readout_logits,
     resolve_target,
 )
+from vit_lens.core.errors import InputError
 
 By = Literal["component", "layer", "head", "neuron", "position", "head_position"]
 Kind = Literal["mlp", "attn"]
@@ -99,7 +100,7 @@ def dla_hooks(model, by: By = "component") -> List[str]:
         elif by in ("position", "head_position"):
             names += [f"blocks.{l}.attn.hook_pattern", f"blocks.{l}.attn.hook_v", f"blocks.{l}.hook_mlp_out"]
         else:
-            raise ValueError(f"by must be one of {list(By.__args__)}, got {by!r}")
+            raise InputError(f"by must be one of {list(By.__args__)}, got {by!r}")
     return names
 
 
@@ -417,7 +418,7 @@ def _value_vectors(model, kind: Kind, l: int) -> Tensor:
     if kind == "attn":
         W_O = blk.attn.W_O
         return W_O.reshape(-1, W_O.shape[-1])
-    raise ValueError(f"kind must be 'mlp' or 'attn', got {kind!r}")
+    raise InputError(f"kind must be 'mlp' or 'attn', got {kind!r}")
 
 
 def _class_dirs(model) -> Tensor:
@@ -435,7 +436,7 @@ def _scores(model, V: Tensor, metric: str) -> Tensor:
     if metric == "cosine":
         Vc = V - V.mean(-1, keepdim=True) if _final_norms(model) else V
         return raw / (Vc.norm(dim=-1, keepdim=True) * D.norm(dim=0, keepdim=True)).clamp_min(1e-12)
-    raise ValueError(f"metric must be 'raw' or 'cosine', got {metric!r}")
+    raise InputError(f"metric must be 'raw' or 'cosine', got {metric!r}")
 
 
 @dataclass
@@ -625,7 +626,7 @@ def key_value_agreement(
             coef = _coefficients(cache, kind, l)  # [batch, pos, n]
             B, P, n = coef.shape
             if not 1 <= k <= n:
-                raise ValueError(f"k must be in 1..{n} (the number of value vectors), got {k}")
+                raise InputError(f"k must be in 1..{n} (the number of value vectors), got {k}")
             t = resolve_target(model, target, B).to(coef.device)
             raw = _scores(model, _value_vectors(model, kind, l), "raw")  # [n, C]
             best = raw[:, t].T.topk(k, dim=-1).indices  # [batch, k]
@@ -669,7 +670,7 @@ def memory_compositionality(
             coef = _coefficients(cache, kind, l)
             n = coef.shape[-1]
             if not 1 <= k <= n:
-                raise ValueError(f"k must be in 1..{n} (the number of value vectors), got {k}")
+                raise InputError(f"k must be in 1..{n} (the number of value vectors), got {k}")
             vec_top1 = _scores(model, _value_vectors(model, kind, l), "raw").argmax(-1)  # [n]
             top = coef.topk(k, dim=-1).indices  # [batch, pos, k]
             mem_classes = vec_top1[top]  # [batch, pos, k]

@@ -45,6 +45,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from vit_lens.config import resolve_layers
+from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError, UnknownNameError
 
 Mode = Literal["paper", "dla"]
 BlockHook = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
@@ -91,7 +92,7 @@ def _get(cache: Any, name: str, what: str = "") -> Tensor:
     try:
         return cache[name]
     except KeyError:
-        raise KeyError(
+        raise UnknownNameError(
             f"the cache has no {name!r}{' (' + what + ')' if what else ''}. Cache it: "
             f"model.run_with_cache(images, names_filter=vit_lens.class_space.hook_names(model, ...)) "
             "or run_with_cache without names_filter."
@@ -110,7 +111,7 @@ def _layers(model, layers: Optional[Union[int, Sequence[int]]]) -> List[int]:
 def _check_hook(hook: str) -> str:
     short = hook[5:] if hook.startswith("hook_") else hook
     if short not in _BLOCK_HOOKS:
-        raise ValueError(f"hook must be one of {list(_BLOCK_HOOKS)} (a per-block residual-stream hook), got {hook!r}")
+        raise InputError(f"hook must be one of {list(_BLOCK_HOOKS)} (a per-block residual-stream hook), got {hook!r}")
     return short
 
 
@@ -137,7 +138,7 @@ def hook_names(model, *hooks: str, layers: Optional[Sequence[int]] = None) -> Li
         elif h in ("mlp_pre", "mlp_post"):
             names = [f"blocks.{l}.mlp.hook_{h[4:]}" for l in ls]
         else:
-            raise ValueError(f"unknown short hook name {h!r}")
+            raise InputError(f"unknown short hook name {h!r}")
         out += [n for n in names if n not in out]
     return out
 
@@ -153,10 +154,10 @@ def resolve_target(model, target: Target, batch: int) -> Int[Tensor, "batch"]:
     _require_class_space(model)
     dev = model.W_U.device
     if target is None:
-        raise ValueError("a target class is needed: an index, a class name, or one per image")
+        raise InputError("a target class is needed: an index, a class name, or one per image")
     if isinstance(target, Tensor):
         if target.is_floating_point():
-            raise TypeError(f"target must hold class indices (an integer tensor), got dtype {target.dtype}")
+            raise InputTypeError(f"target must hold class indices (an integer tensor), got dtype {target.dtype}")
         t = target.to(device=dev, dtype=torch.long).reshape(-1)
         if t.numel() == 1:
             t = t.expand(batch)
@@ -165,10 +166,10 @@ def resolve_target(model, target: Target, batch: int) -> Int[Tensor, "batch"]:
     else:
         t = torch.tensor([model.class_index(c) for c in target], dtype=torch.long, device=dev)
     if t.shape[0] != batch:
-        raise ValueError(f"{t.shape[0]} targets for a batch of {batch} images; give one target, or one per image")
+        raise InputError(f"{t.shape[0]} targets for a batch of {batch} images; give one target, or one per image")
     n = model.cfg.n_classes
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
-        raise IndexError(f"target class index out of range for {n} classes: {t.tolist()}")
+        raise OutOfRangeError(f"target class index out of range for {n} classes: {t.tolist()}")
     return t.contiguous()
 
 
@@ -194,12 +195,12 @@ def position_mask(
             m[:n_prefix] = True
         elif positions == "cls":
             if n_prefix == 0:
-                raise ValueError("positions='cls': this model has no class token")
+                raise InputError("positions='cls': this model has no class token")
             m[0] = True
         elif positions == "all":
             m[:] = True
         else:
-            raise ValueError(
+            raise InputError(
                 f"positions must be 'image', 'prefix', 'cls', 'all', indices or a bool mask, got {positions!r}"
             )
     elif isinstance(positions, Tensor) and positions.dtype == torch.bool:
@@ -207,7 +208,7 @@ def position_mask(
         if m.shape[-1] == n_img and n_img != n_pos:
             m = torch.cat([torch.zeros(*m.shape[:-1], n_prefix, dtype=torch.bool), m], dim=-1)
         if m.shape[-1] != n_pos or m.ndim not in (1, 2) or (m.ndim == 2 and m.shape[0] != batch):
-            raise ValueError(
+            raise InputError(
                 f"a position mask must be [pos={n_pos}], [batch={batch}, pos], [n_patches={n_img}] or "
                 f"[batch, n_patches]; got {tuple(positions.shape)}"
             )
@@ -215,7 +216,7 @@ def position_mask(
         idx = [int(positions)] if isinstance(positions, int) else [int(i) for i in positions]
         for i in idx:
             if not -n_pos <= i < n_pos:
-                raise IndexError(f"position {i} out of range for {n_pos} positions")
+                raise OutOfRangeError(f"position {i} out of range for {n_pos} positions")
         m = torch.zeros(n_pos, dtype=torch.bool)
         m[[i % n_pos for i in idx]] = True
     return m.expand(batch, n_pos) if m.ndim == 1 else m
@@ -240,10 +241,10 @@ def patch_mask(
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3:
-        raise ValueError(f"pixel_mask must be [batch, H, W] or [H, W], got {tuple(m.shape)}")
+        raise InputError(f"pixel_mask must be [batch, H, W] or [H, W], got {tuple(m.shape)}")
     ph, pw = model.cfg.patch_size
     if m.shape[-2] % ph or m.shape[-1] % pw:
-        raise ValueError(f"mask size {tuple(m.shape[-2:])} is not a multiple of the patch size {(ph, pw)}")
+        raise InputError(f"mask size {tuple(m.shape[-2:])} is not a multiple of the patch size {(ph, pw)}")
     frac = F.avg_pool2d(m[:, None], kernel_size=(ph, pw), stride=(ph, pw))[:, 0]
     return (frac >= threshold).flatten(1)
 
@@ -342,26 +343,26 @@ def project(
     _require_class_space(model)
     if not isinstance(x, Tensor) or x.shape[-1] != model.cfg.d_model:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"project expects vectors [..., d_model={model.cfg.d_model}], got {shape}")
+        raise InputError(f"project expects vectors [..., d_model={model.cfg.d_model}], got {shape}")
     if mode == "paper":
         return model.project_to_classes(x, head=head)
     if mode != "dla":
-        raise ValueError(f"mode must be 'paper' or 'dla', got {mode!r}")
+        raise InputError(f"mode must be 'paper' or 'dla', got {mode!r}")
     if scale is None:
         if cache is None:
-            raise ValueError(
+            raise InputError(
                 "mode='dla' divides by the final norm's scale of the real residual stream: pass cache= "
                 "(the run's ActivationCache) or scale= ([batch, pos])"
             )
         scale = final_scale(model, cache)
         if tuple(x.shape[:2]) != tuple(scale.shape):
-            raise ValueError(
+            raise InputError(
                 f"with cache=, x must be [batch, pos, ..., d_model] matching the cache's [batch, pos]="
                 f"{tuple(scale.shape)}; got {tuple(x.shape)}. Pass scale= explicitly for other layouts."
             )
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     if scale.ndim > x.ndim - 1:
-        raise ValueError(f"scale {tuple(scale.shape)} has more axes than x.shape[:-1]={tuple(x.shape[:-1])}")
+        raise InputError(f"scale {tuple(scale.shape)} has more axes than x.shape[:-1]={tuple(x.shape[:-1])}")
     scale = scale.reshape(*scale.shape, *([1] * (x.ndim - 1 - scale.ndim)), 1)
     W = _dla_directions(model, head)
     return (x / scale) @ W
@@ -428,9 +429,9 @@ def target_logit(
         shape = (B,) + (1,) * (x.ndim - 2) + (x.shape[-1],)
         return (y * Wt.reshape(shape)).sum(-1) + b[t].reshape(shape[:-1])
     if mode != "dla":
-        raise ValueError(f"mode must be 'paper' or 'dla', got {mode!r}")
+        raise InputError(f"mode must be 'paper' or 'dla', got {mode!r}")
     if cache is None:
-        raise ValueError("mode='dla' needs cache= (for the frozen final-norm scale)")
+        raise InputError("mode='dla' needs cache= (for the frozen final-norm scale)")
     s = final_scale(model, cache)
     W = _dla_directions(model)[:, t].T
     shape = (B,) + (1,) * (x.ndim - 2) + (x.shape[-1],)
@@ -484,7 +485,7 @@ def top_classes(
             len(lead), tuple(f"dim{i}" for i in range(len(lead)))
         )
     if len(dims) != len(lead):
-        raise ValueError(f"{len(dims)} dims names for logits with {len(lead)} leading axes")
+        raise InputError(f"{len(dims)} dims names for logits with {len(lead)} leading axes")
     k = min(int(k), logits.shape[-1])
     vals, idx = logits.detach().float().topk(k, dim=-1)
     names = model.class_names or [f"class {i}" for i in range(logits.shape[-1])]
@@ -657,7 +658,7 @@ class IdentifiabilityResult:
     def cat(self, other: "IdentifiabilityResult") -> "IdentifiabilityResult":
         """Concatenate two results along the batch axis (same layers, hook and mode)."""
         if (self.layers, self.hook, self.mode, self.n_classes) != (other.layers, other.hook, other.mode, other.n_classes):
-            raise ValueError("can only concatenate results over the same layers, hook, mode and classes")
+            raise InputError("can only concatenate results over the same layers, hook, mode and classes")
         rr = None
         if self.readout_rank is not None and other.readout_rank is not None:
             rr = torch.cat([self.readout_rank, other.readout_rank], dim=1)
@@ -715,7 +716,7 @@ def identifiability(
     t = resolve_target(model, target, B).to(first.device)
     scale = final_scale(model, cache) if mode == "dla" else None
     if mode not in ("paper", "dla"):
-        raise ValueError(f"mode must be 'paper' or 'dla', got {mode!r}")
+        raise InputError(f"mode must be 'paper' or 'dla', got {mode!r}")
     ranks, readout = [], []
     it = ls
     if progress:
@@ -758,12 +759,12 @@ def identifiability_rate(
         mode: ``"paper"`` or ``"dla"`` (needs ``cache``).
     """
     if x.ndim != 3:
-        raise ValueError(f"x must be [batch, pos, d_model], got {tuple(x.shape)}")
+        raise InputError(f"x must be [batch, pos, d_model], got {tuple(x.shape)}")
     B, P, _ = x.shape
     t = resolve_target(model, target, B).to(x.device)
     m = position_mask(positions, B, P, model.cfg.n_prefix_tokens).to(x.device)
     if not m.any():
-        raise ValueError("positions selects no token")
+        raise InputError("positions selects no token")
     scale = final_scale(model, cache) if mode == "dla" else None
     with torch.no_grad():
         rank = _ranks_of(model, x, t, mode, scale)
@@ -809,7 +810,7 @@ def identify(
         items = _as_list(images)
         n = len(items)
     if n == 0:
-        raise ValueError("no images given")
+        raise InputError("no images given")
     names = hook_names(model, "resid_post")
     if mode == "dla" and model.ln_final is not None:
         names.append("ln_final.hook_scale")
@@ -948,7 +949,7 @@ def categorical_updates(
         mode: projection mode.
     """
     if variant not in ("corrected", "paper"):
-        raise ValueError(f"variant must be 'corrected' or 'paper', got {variant!r}")
+        raise InputError(f"variant must be 'corrected' or 'paper', got {variant!r}")
     L = model.cfg.n_layers
     B = _get(cache, "blocks.0.hook_attn_out").shape[0]
     t = resolve_target(model, target, B)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Tuple
 
 import torch
+from vit_lens.core.errors import InputError, OutOfRangeError
 
 Pooling = Literal["token", "avg", "token_dist"]
 ActFn = Literal["gelu", "gelu_tanh", "quick_gelu"]
@@ -93,17 +94,17 @@ class HookedViTConfig:
         self.patch_size = _pair(self.patch_size)
         for name in ("n_layers", "d_model", "n_heads", "d_head", "d_mlp"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"HookedViTConfig.{name} must be positive, got {getattr(self, name)}")
+                raise InputError(f"HookedViTConfig.{name} must be positive, got {getattr(self, name)}")
         if self.n_classes < 0:
-            raise ValueError(f"n_classes must be >= 0, got {self.n_classes}")
+            raise InputError(f"n_classes must be >= 0, got {self.n_classes}")
         if self.image_size[0] % self.patch_size[0] or self.image_size[1] % self.patch_size[1]:
-            raise ValueError(
+            raise InputError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         if self.pooling in ("token", "token_dist") and not self.has_class_token:
-            raise ValueError(f"pooling={self.pooling!r} needs a class token")
+            raise InputError(f"pooling={self.pooling!r} needs a class token")
         if self.pooling == "token_dist" and self.n_dist_tokens != 1:
-            raise ValueError("pooling='token_dist' needs exactly one distillation token")
+            raise InputError("pooling='token_dist' needs exactly one distillation token")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -167,7 +168,7 @@ def resolve_layers(layers: Any, n_layers: int) -> list:
     for l in layers:
         l = int(l)
         if not -n_layers <= l < n_layers:
-            raise IndexError(f"layer {l} out of range for a model with {n_layers} blocks (0..{n_layers - 1})")
+            raise OutOfRangeError(f"layer {l} out of range for a model with {n_layers} blocks (0..{n_layers - 1})")
         out.append(l % n_layers)
     return out
 
@@ -183,7 +184,7 @@ def patch_index_to_rowcol(index: int, cfg: HookedViTConfig, grid_size: Optional[
     rows, cols = grid_size or cfg.grid_size
     p = index - cfg.n_prefix_tokens
     if not 0 <= p < rows * cols:
-        raise IndexError(
+        raise OutOfRangeError(
             f"position {index} is not a patch token (prefix tokens are 0..{cfg.n_prefix_tokens - 1}, "
             f"patches {cfg.n_prefix_tokens}..{cfg.n_prefix_tokens + rows * cols - 1})"
         )
@@ -194,5 +195,5 @@ def rowcol_to_patch_index(row: int, col: int, cfg: HookedViTConfig, grid_size: O
     """Inverse of :func:`patch_index_to_rowcol`: sequence position of the patch at (row, col)."""
     rows, cols = grid_size or cfg.grid_size
     if not (0 <= row < rows and 0 <= col < cols):
-        raise IndexError(f"(row, col)=({row}, {col}) is outside the {rows}x{cols} patch grid")
+        raise OutOfRangeError(f"(row, col)=({row}, {col}) is outside the {rows}x{cols} patch grid")
     return cfg.n_prefix_tokens + row * cols + col

@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from vit_lens.core.errors import InputError, UnknownNameError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -64,9 +65,9 @@ class ImageSet:
         if self.labels is not None:
             self.labels = [int(l) for l in self.labels]
             if len(self.labels) != len(self.paths):
-                raise ValueError(f"{len(self.labels)} labels for {len(self.paths)} images")
+                raise InputError(f"{len(self.labels)} labels for {len(self.paths)} images")
         if self.label_names is not None and len(self.label_names) != len(self.paths):
-            raise ValueError(f"{len(self.label_names)} label names for {len(self.paths)} images")
+            raise InputError(f"{len(self.label_names)} label names for {len(self.paths)} images")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -85,7 +86,7 @@ class ImageSet:
     def label_tensor(self) -> Int[Tensor, "n"]:
         """Labels as a long tensor (raises for an unlabelled set)."""
         if self.labels is None:
-            raise ValueError("this ImageSet has no labels (it was read from a folder without a labels CSV or class folders)")
+            raise InputError("this ImageSet has no labels (it was read from a folder without a labels CSV or class folders)")
         return torch.tensor(self.labels, dtype=torch.long)
 
     def subset(self, indices: Sequence[int]) -> "ImageSet":
@@ -102,7 +103,7 @@ class ImageSet:
         both trained and tested on) -- check ``len(test)``.
         """
         if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+            raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
         rng = random.Random(seed)
         if stratify and self.labels is not None:
             by_class: Dict[int, List[int]] = {}
@@ -126,7 +127,7 @@ class ImageSet:
     def load(self, model, *, mode: str = "timm", batch_size: int = 64) -> Float[Tensor, "n chans height width"]:
         """All images as one normalised batch, preprocessed by ``model.preprocess(mode=mode)``."""
         if not len(self):
-            raise ValueError("the ImageSet is empty")
+            raise InputError("the ImageSet is empty")
         parts = [model.preprocess([str(p) for p in self.paths[i : i + batch_size]], mode=mode)
                  for i in range(0, len(self), batch_size)]
         return torch.cat(parts)
@@ -168,13 +169,13 @@ def from_labels_csv(
         cols = reader.fieldnames or []
         for c in (path_column, label_column):
             if c not in cols:
-                raise ValueError(
+                raise InputError(
                     f"{csv_path.name} has columns {cols}; expected a {c!r} column "
                     f"(pass path_column=/label_column= to name yours)"
                 )
         rows = list(reader)
     if not rows:
-        raise ValueError(f"{csv_path} has no rows")
+        raise InputError(f"{csv_path} has no rows")
     paths, labels, names, missing = [], [], [], []
     for i, r in enumerate(rows):
         p = Path(r[path_column])
@@ -184,7 +185,7 @@ def from_labels_csv(
         try:
             labels.append(int(r[label_column]))
         except ValueError:
-            raise ValueError(f"row {i + 2} of {csv_path.name}: {label_column}={r[label_column]!r} is not an integer class index") from None
+            raise InputError(f"row {i + 2} of {csv_path.name}: {label_column}={r[label_column]!r} is not an integer class index") from None
         paths.append(p)
         names.append(r.get(name_column) or str(labels[-1]))
     if missing:
@@ -220,11 +221,11 @@ def from_image_folder(
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     folders = [d for d in folders if any(_is_image(p) for p in d.iterdir())]
     if not folders:
-        raise ValueError(f"{root} has no class folders with images (expected root/<class>/<image>)")
+        raise InputError(f"{root} has no class folders with images (expected root/<class>/<image>)")
     if class_to_index is not None:
         unknown = [d.name for d in folders if d.name not in class_to_index]
         if unknown:
-            raise KeyError(f"class_to_index has no entry for folder(s) {unknown[:5]}")
+            raise UnknownNameError(f"class_to_index has no entry for folder(s) {unknown[:5]}")
         mapping = {d.name: int(class_to_index[d.name]) for d in folders}
     elif model is not None:
         mapping, bad = {}, []
@@ -234,7 +235,7 @@ def from_image_folder(
             except (KeyError, IndexError):
                 bad.append(d.name)
         if bad:
-            raise KeyError(
+            raise UnknownNameError(
                 f"cannot match class folder(s) {bad[:5]} to {model.cfg.model_name}'s classes; name folders by "
                 "WordNet id (n02123045), class index or class name, or pass class_to_index={folder: index}"
             )
@@ -257,7 +258,7 @@ def from_folder(root: Union[str, os.PathLike]) -> ImageSet:
         raise FileNotFoundError(f"no folder at {str(root)!r}")
     paths = sorted(p.resolve() for p in root.iterdir() if _is_image(p))
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
     return ImageSet(paths, None, None, root)
 
 
@@ -268,7 +269,7 @@ def load_image_set(path: Union[str, os.PathLike], *, model=None, **kwargs: Any) 
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise ValueError(f"{path} is a file but not a .csv labels file")
+            raise InputError(f"{path} is a file but not a .csv labels file")
         return from_labels_csv(path, **kwargs)
     if not path.is_dir():
         raise FileNotFoundError(f"no file or folder at {str(path)!r}")
@@ -299,7 +300,7 @@ def augmented_views(
     from vit_lens.preprocess import load_image
 
     if n_views < 1:
-        raise ValueError(f"n_views must be >= 1, got {n_views}")
+        raise InputError(f"n_views must be >= 1, got {n_views}")
     g = torch.Generator().manual_seed(int(seed))
     u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=g))  # noqa: E731
     out = []

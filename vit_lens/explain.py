@@ -43,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vit_lens.config import resolve_layers
+from vit_lens.core.errors import InputError, OutOfRangeError
 
 Target = Union[None, int, str, Sequence[Union[int, str]], Tensor]
 Mode = Literal["negative", "positive"]
@@ -76,7 +77,7 @@ def _as_batch(model, images: Any) -> Tensor:
     """A normalised batch on the model's device: tensors pass through, anything else is preprocessed."""
     if isinstance(images, Tensor) and images.is_floating_point():
         if images.ndim == 3:
-            raise ValueError(
+            raise InputError(
                 f"expected a batch [batch, channels, H, W], got a single image of shape {tuple(images.shape)}; "
                 "add a batch axis with images[None]."
             )
@@ -92,7 +93,7 @@ def _grid(model, images: Tensor) -> Tuple[int, int]:
 def _require_cls(model, what: str) -> int:
     cfg = model.cfg
     if not cfg.has_class_token:
-        raise ValueError(
+        raise InputError(
             f"{what} explains the [CLS] token, but {cfg.model_name} has no class token. "
             "Use attention_rollout or chefer_relevance, which handle average-pooled models."
         )
@@ -101,7 +102,7 @@ def _require_cls(model, what: str) -> int:
 
 def _require_token_pooling(model, what: str) -> None:
     if model.cfg.pooling not in ("token", "token_dist"):
-        raise ValueError(
+        raise InputError(
             f"{what} needs a model that classifies from [CLS] (pooling 'token' or 'token_dist'); "
             f"{model.cfg.model_name} uses pooling={model.cfg.pooling!r}, so [CLS] does not reach the "
             "classifier. Use attention_rollout or chefer_relevance instead."
@@ -111,13 +112,13 @@ def _require_token_pooling(model, what: str) -> None:
 def _resolve_layers(model, layers: Optional[Iterable[int]]) -> List[int]:
     out = resolve_layers(layers, model.cfg.n_layers)
     if not out:
-        raise ValueError("layers is empty; pass None for all layers")
+        raise InputError("layers is empty; pass None for all layers")
     return sorted(set(out))
 
 
 def _chunks(n: int, batch_size: int) -> List[slice]:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
@@ -136,7 +137,7 @@ def resolve_targets(model, target: Target, n: int, images: Optional[Tensor] = No
     device = model.device
     if target is None:
         if images is None:
-            raise ValueError("target=None means 'the predicted class', which needs the images")
+            raise InputError("target=None means 'the predicted class', which needs the images")
         with torch.no_grad():
             preds = [model(images[s]).argmax(-1) for s in _chunks(len(images), batch_size)]
         return torch.cat(preds).to(device)
@@ -147,7 +148,7 @@ def resolve_targets(model, target: Target, n: int, images: Optional[Tensor] = No
         target = target.tolist()
     target = [t if isinstance(t, str) else int(t) for t in target]
     if len(target) != n:
-        raise ValueError(f"got {len(target)} targets for {n} images; give one per image or a single class")
+        raise InputError(f"got {len(target)} targets for {n} images; give one per image or a single class")
     return torch.tensor([model.class_index(t) for t in target], dtype=torch.long, device=device)
 
 
@@ -397,9 +398,9 @@ def attention_rollout(
         layers: the blocks to roll out (default all, in order).
     """
     if head_fusion not in ("mean", "max", "min"):
-        raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
+        raise InputError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
     if not 0.0 <= residual_weight <= 1.0:
-        raise ValueError(f"residual_weight must be in [0, 1], got {residual_weight}")
+        raise InputError(f"residual_weight must be in [0, 1], got {residual_weight}")
     x_all = _as_batch(model, images)
     layers = _resolve_layers(model, layers)
     n_pre = model.cfg.n_prefix_tokens
@@ -469,7 +470,7 @@ def upsample_map(
 ) -> Float[Tensor, "*batch height width"]:
     """Resize maps on the patch grid to ``size`` (an int or (height, width)) in pixels."""
     if maps.ndim < 2:
-        raise ValueError(f"maps must be [..., rows, cols], got shape {tuple(maps.shape)}")
+        raise InputError(f"maps must be [..., rows, cols], got shape {tuple(maps.shape)}")
     size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
     lead = maps.shape[:-2]
     flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
@@ -507,7 +508,7 @@ def _colormap(x: np.ndarray, name: str) -> np.ndarray:
     elif name == "gray":
         rgb = [x, x, x]
     else:
-        raise ValueError(f"colormap must be 'jet', 'hot' or 'gray', got {name!r}")
+        raise InputError(f"colormap must be 'jet', 'hot' or 'gray', got {name!r}")
     return np.stack(rgb, -1)
 
 
@@ -532,9 +533,9 @@ def overlay(
     from vit_lens.preprocess import load_image
 
     if heatmap.ndim != 2:
-        raise ValueError(f"overlay takes one map [rows, cols], got shape {tuple(heatmap.shape)}; index the batch first")
+        raise InputError(f"overlay takes one map [rows, cols], got shape {tuple(heatmap.shape)}; index the batch first")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise InputError(f"alpha must be in [0, 1], got {alpha}")
     img = load_image(image)
     W, H = img.size
     m = normalize_map(upsample_map(heatmap.detach().float().cpu(), (H, W), mode=mode)).numpy()
@@ -582,15 +583,15 @@ def keep_tokens_logits(
     B = images.shape[0]
     keep = torch.as_tensor(keep, device=images.device).long()
     if keep.ndim != 2 or keep.shape[0] != B:
-        raise ValueError(f"keep must be [batch={B}, n_keep] patch indices, got shape {tuple(keep.shape)}")
+        raise InputError(f"keep must be [batch={B}, n_keep] patch indices, got shape {tuple(keep.shape)}")
     rows, cols = _grid(model, images)
     N = rows * cols
     if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= N):
-        raise IndexError(f"patch indices must be in 0..{N - 1}")
+        raise OutOfRangeError(f"patch indices must be in 0..{N - 1}")
     mask = torch.zeros(B, N, dtype=torch.bool, device=images.device)
     mask.scatter_(1, keep, True)
     if int(mask.sum(-1).min()) != keep.shape[1]:
-        raise ValueError("keep has repeated patch indices in some image")
+        raise InputError("keep has repeated patch indices in some image")
     try:
         from vit_lens.ablation import context_ablation
     except ImportError:  # pragma: no cover - the ablation module ships with the package
@@ -622,7 +623,7 @@ def perturbation_auc(curve: Union[Tensor, Sequence[float], np.ndarray], n_patche
     """
     c = torch.as_tensor(np.asarray(curve, dtype=np.float64))
     if c.numel() == 0:
-        raise ValueError("empty curve")
+        raise InputError("empty curve")
     mx = float(c.max())
     if mx <= 0:
         return float("nan")
@@ -631,16 +632,16 @@ def perturbation_auc(curve: Union[Tensor, Sequence[float], np.ndarray], n_patche
 
 def _resolve_steps(steps: Union[None, int, Sequence[int]], N: int) -> List[int]:
     if N < 2:
-        raise ValueError(f"the perturbation test needs at least 2 patch tokens, got {N}")
+        raise InputError(f"the perturbation test needs at least 2 patch tokens, got {N}")
     if steps is None:
         return list(range(1, N))
     if isinstance(steps, int):
         if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+            raise InputError(f"steps must be >= 1, got {steps}")
         return sorted(set(int(round(v)) for v in np.linspace(1, N - 1, min(steps, N - 1))))
     out = sorted(set(int(s) for s in steps))
     if not out or out[0] < 1 or out[-1] > N - 1:
-        raise ValueError(f"steps must be numbers of kept tokens in 1..{N - 1}, got {list(steps)[:5]}...")
+        raise InputError(f"steps must be numbers of kept tokens in 1..{N - 1}, got {list(steps)[:5]}...")
     return out
 
 
@@ -727,22 +728,22 @@ def perturbation_curve(
         a :class:`PerturbationCurve` (``.accuracy``, ``.auc``, ``.to_frame()``).
     """
     if mode not in ("negative", "positive"):
-        raise ValueError(f"mode must be 'negative' or 'positive', got {mode!r}")
+        raise InputError(f"mode must be 'negative' or 'positive', got {mode!r}")
     x_all = _as_batch(model, images)
     B = len(x_all)
     rows, cols = _grid(model, x_all)
     N = rows * cols
     if (maps is None) == (order is None):
-        raise ValueError("give exactly one of maps= (importance maps) or order= (patch indices, most important first)")
+        raise InputError("give exactly one of maps= (importance maps) or order= (patch indices, most important first)")
     if maps is not None:
         if maps.shape[0] != B or maps[0].numel() != N:
-            raise ValueError(
+            raise InputError(
                 f"maps must be [batch={B}, {rows}, {cols}] (or [batch, {N}]) for these images, got {tuple(maps.shape)}"
             )
         order = token_order(maps, tie_seed=tie_seed)
     order = torch.as_tensor(order).long().to(x_all.device)
     if tuple(order.shape) != (B, N):
-        raise ValueError(f"order must be [batch={B}, n_patches={N}], got {tuple(order.shape)}")
+        raise InputError(f"order must be [batch={B}, n_patches={N}], got {tuple(order.shape)}")
     t = resolve_targets(model, targets, B).to(x_all.device)
     n_list = _resolve_steps(steps, N)
     correct = torch.zeros(B, len(n_list), dtype=torch.bool)

@@ -16,6 +16,7 @@ from transformer_lens.hook_points import HookPoint
 
 from vit_lens.components import LayerNorm, PatchEmbed, PosEmbed, TransformerBlock, Unembed
 from vit_lens.config import HookedViTConfig
+from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError, UnknownNameError
 
 ReturnType = Optional[Literal["logits"]]
 
@@ -105,7 +106,7 @@ class HookedViT(HookedRootModule):
                 end. Hooks before that block do not fire. Combines with ``stop_at_layer``.
         """
         if return_type not in ("logits", None):
-            raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}")
+            raise InputError(f"return_type must be 'logits' or None, got {return_type!r}")
         if start_at_layer is None:
             grid = self._check_images(images)
             embed = self.hook_embed(self.embed(images))
@@ -119,7 +120,7 @@ class HookedViT(HookedRootModule):
             resid = images
         stop = len(range(self.cfg.n_layers)[:stop_at_layer])  # slice semantics, as before
         if stop < start:
-            raise ValueError(f"stop_at_layer ({stop_at_layer}) comes before start_at_layer ({start_at_layer})")
+            raise InputError(f"stop_at_layer ({stop_at_layer}) comes before start_at_layer ({start_at_layer})")
         for block in self.blocks[start:stop]:
             resid = block(resid)
         if stop_at_layer is not None:
@@ -139,17 +140,17 @@ class HookedViT(HookedRootModule):
         except TypeError:
             start_at_layer = None
         if start_at_layer is None or not -L <= start_at_layer <= L:
-            raise ValueError(f"start_at_layer must be an int in -{L}..{L} ({cfg.model_name} has {L} blocks), got {given!r}")
+            raise InputError(f"start_at_layer must be an int in -{L}..{L} ({cfg.model_name} has {L} blocks), got {given!r}")
         start = start_at_layer if start_at_layer >= 0 else start_at_layer + L
         where = f"blocks.{start}.hook_resid_pre" if start < L else f"blocks.{L - 1}.hook_resid_post"
         if not isinstance(resid, Tensor) or resid.ndim != 3 or resid.shape[-1] != cfg.d_model:
             got = tuple(resid.shape) if isinstance(resid, Tensor) else type(resid).__name__
-            raise ValueError(
+            raise InputError(
                 f"with start_at_layer, pass the residual stream [batch, pos, {cfg.d_model}] entering that block "
                 f"(e.g. cache['{where}']), not images; got {got}"
             )
         if resid.shape[1] <= cfg.n_prefix_tokens and cfg.pooling not in ("token", "token_dist"):
-            raise ValueError(
+            raise InputError(
                 f"the residual stream has {resid.shape[1]} positions; {cfg.model_name} averages its image "
                 f"tokens, so it needs its {cfg.n_prefix_tokens} prefix token(s) and at least one image token"
             )
@@ -181,24 +182,24 @@ class HookedViT(HookedRootModule):
     def _check_images(self, images: Any) -> tuple:
         cfg = self.cfg
         if not isinstance(images, Tensor):
-            raise TypeError(
+            raise InputTypeError(
                 f"HookedViT expects a float tensor [batch, {cfg.in_chans}, H, W]; got {type(images).__name__}. "
                 "Use model.preprocess(images) to turn PIL images, paths or uint8 arrays into a batch."
             )
         if images.ndim == 3:
-            raise ValueError(
+            raise InputError(
                 f"expected a batch [batch, {cfg.in_chans}, H, W], got a single image of shape {tuple(images.shape)}; "
                 "add a batch axis with images[None] or images.unsqueeze(0)."
             )
         if images.ndim != 4:
-            raise ValueError(f"expected images of shape [batch, {cfg.in_chans}, H, W], got {tuple(images.shape)}")
+            raise InputError(f"expected images of shape [batch, {cfg.in_chans}, H, W], got {tuple(images.shape)}")
         if not images.is_floating_point():
-            raise TypeError(
+            raise InputTypeError(
                 f"expected a float tensor, got dtype {images.dtype}; use model.preprocess(images) "
                 "to convert uint8 images (it resizes and normalises them with the model's own config)."
             )
         if images.shape[1] != cfg.in_chans:
-            raise ValueError(
+            raise InputError(
                 f"expected {cfg.in_chans} channels, got images of shape {tuple(images.shape)} "
                 f"({images.shape[1]} channels); channels come second: [batch, channels, height, width]."
             )
@@ -206,13 +207,13 @@ class HookedViT(HookedRootModule):
         ph, pw = cfg.patch_size
         if cfg.dynamic_img_size:
             if H % ph or W % pw:
-                raise ValueError(
+                raise InputError(
                     f"image size {H}x{W} is not a multiple of the patch size {ph}x{pw}; "
                     "resize the images, or use model.preprocess(images)."
                 )
             return (H // ph, W // pw)
         if (H, W) != tuple(cfg.image_size):
-            raise ValueError(
+            raise InputError(
                 f"{cfg.model_name} takes {cfg.image_size[0]}x{cfg.image_size[1]} images, got {H}x{W}. "
                 "Use model.preprocess(images) to resize and normalise them with the model's own config."
             )
@@ -227,12 +228,12 @@ class HookedViT(HookedRootModule):
         if name not in self.hook_dict:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(
+            raise InputError(
                 f"unknown hook name {name!r}.{hint} List them with list(model.hook_dict) "
                 f"(block hooks look like 'blocks.0.attn.hook_pattern'; layers 0..{self.cfg.n_layers - 1})."
             )
         if not self._hook_is_live(name):
-            raise ValueError(
+            raise InputError(
                 f"{name!r} only fires when per-head results are computed; call "
                 "model.set_use_attn_result(True) first (or use hook_z and W_O)."
             )
@@ -244,7 +245,7 @@ class HookedViT(HookedRootModule):
         matched = [n for n in self.hook_dict if name(n)]
         live = [n for n in matched if self._hook_is_live(n)]
         if matched and not live:
-            raise ValueError(
+            raise InputError(
                 f"the hook filter matches only {matched[:3]}..., which fire only with "
                 "model.set_use_attn_result(True)"
             )
@@ -271,7 +272,7 @@ class HookedViT(HookedRootModule):
             user_filter = names_filter
             names_filter = lambda n: user_filter(n) and self._hook_is_live(n)  # noqa: E731
         else:
-            raise TypeError("names_filter must be None, a hook name, a list of hook names, or a function name -> bool")
+            raise InputTypeError("names_filter must be None, a hook name, a list of hook names, or a function name -> bool")
         if pos_slice is None:
             return super().get_caching_hooks(
                 names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache, pos_slice=pos_slice
@@ -324,7 +325,7 @@ class HookedViT(HookedRootModule):
 
     def _require_unembed(self) -> Unembed:
         if self.unembed is None:
-            raise ValueError(
+            raise InputError(
                 f"{self.cfg.model_name} has no classifier (n_classes=0), so it has no class space. "
                 "Give it class directions with model.set_class_directions(W) (for example text "
                 "embeddings of class names), then retry."
@@ -341,10 +342,10 @@ class HookedViT(HookedRootModule):
         if isinstance(name, (int,)) or (isinstance(name, Tensor) and name.ndim == 0):
             idx = int(name)
             if not 0 <= idx < n:
-                raise IndexError(f"class index {idx} out of range for {n} classes")
+                raise OutOfRangeError(f"class index {idx} out of range for {n} classes")
             return idx
         if not isinstance(name, str):
-            raise TypeError(f"expected a class name or index, got {type(name).__name__}")
+            raise InputTypeError(f"expected a class name or index, got {type(name).__name__}")
         if name.isdigit():
             return self.class_index(int(name))
         names = self.class_names or []
@@ -358,7 +359,7 @@ class HookedViT(HookedRootModule):
             return synsets.index(key)
         close = difflib.get_close_matches(key, [p.strip().lower() for f in names for p in f.split(",")], n=3)
         hint = f" Did you mean {close}?" if close else ""
-        raise KeyError(f"unknown class name {name!r}.{hint}")
+        raise UnknownNameError(f"unknown class name {name!r}.{hint}")
 
     def tokens_to_residual_directions(
         self, classes: Union[int, str, Int[Tensor, "..."]]
@@ -403,14 +404,14 @@ class HookedViT(HookedRootModule):
     def W_U_dist(self) -> Float[Tensor, "d_model n_classes"]:
         """The distillation head's class embeddings (distilled DeiT only)."""
         if self.cfg.pooling != "token_dist":
-            raise ValueError(f"{self.cfg.model_name} has no distillation head (pooling={self.cfg.pooling!r})")
+            raise InputError(f"{self.cfg.model_name} has no distillation head (pooling={self.cfg.pooling!r})")
         self._require_unembed()
         return self.unembed_dist.W_U
 
     @property
     def b_U_dist(self) -> Float[Tensor, "n_classes"]:
         if self.cfg.pooling != "token_dist":
-            raise ValueError(f"{self.cfg.model_name} has no distillation head (pooling={self.cfg.pooling!r})")
+            raise InputError(f"{self.cfg.model_name} has no distillation head (pooling={self.cfg.pooling!r})")
         self._require_unembed()
         return self.unembed_dist.b_U
 
@@ -425,9 +426,9 @@ class HookedViT(HookedRootModule):
                 return self.unembed_dist.W_U, self.unembed_dist.b_U
             if head == "mean":
                 return (unembed.W_U + self.unembed_dist.W_U) / 2, (unembed.b_U + self.unembed_dist.b_U) / 2
-            raise ValueError(f"head must be 'mean', 'cls' or 'dist' for a distilled model, got {head!r}")
+            raise InputError(f"head must be 'mean', 'cls' or 'dist' for a distilled model, got {head!r}")
         if head not in (None, "cls", "mean"):
-            raise ValueError(
+            raise InputError(
                 f"head={head!r} is only meaningful for distilled models (two heads); "
                 f"{self.cfg.model_name} has one classifier: leave head=None"
             )
@@ -471,7 +472,7 @@ class HookedViT(HookedRootModule):
         W, b = self._head_weights(head)
         if not isinstance(x, Tensor) or x.shape[-1] != self.cfg.d_model:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"project_to_classes expects vectors [..., d_model={self.cfg.d_model}], got {shape}")
+            raise InputError(f"project_to_classes expects vectors [..., d_model={self.cfg.d_model}], got {shape}")
         for norm in (self.ln_final, self.fc_norm):
             if norm is not None:
                 x = torch.nn.functional.layer_norm(x, (norm.length,), norm.w, norm.b, norm.eps)
@@ -515,7 +516,7 @@ class HookedViT(HookedRootModule):
             W = torch.as_tensor(W)
         n = W.shape[-1]
         if labels is not None and len(labels) != n:
-            raise ValueError(f"{len(labels)} labels for {n} class directions")
+            raise InputError(f"{len(labels)} labels for {n} class directions")
         heads = residual_class_directions(self, W, bias, space)
         ref = next(self.parameters())
         unembeds = []

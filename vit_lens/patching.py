@@ -50,6 +50,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from vit_lens.config import resolve_layers
+from vit_lens.core.errors import InputError, OutOfRangeError, UnknownNameError
 
 __all__ = [
     "PatchingResult",
@@ -133,10 +134,10 @@ def position_mask(
             return mask
         if key == "cls":
             if not cfg.has_class_token:
-                raise ValueError(f"{cfg.model_name} has no [CLS] token; choose positions by index")
+                raise InputError(f"{cfg.model_name} has no [CLS] token; choose positions by index")
             mask[0] = True
             return mask
-        raise ValueError(f"unknown positions {positions!r}; use 'all', 'patches', 'prefix', 'cls', indices or a mask")
+        raise InputError(f"unknown positions {positions!r}; use 'all', 'patches', 'prefix', 'cls', indices or a mask")
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
         p = positions.detach().cpu()
         if p.ndim == 1 and p.shape[0] == n:
@@ -147,13 +148,13 @@ def position_mask(
         if p.ndim == 1 and p.shape[0] == rows * cols:
             mask[n_pre:] = p
             return mask
-        raise ValueError(
+        raise InputError(
             f"a boolean position mask must be [{n}] (every position), [{rows * cols}] (patches) or "
             f"[{rows}, {cols}] (the patch grid); got {tuple(p.shape)}"
         )
     idx = torch.as_tensor(positions, dtype=torch.long).reshape(-1).cpu()
     if idx.numel() and (idx.min() < -n or idx.max() >= n):
-        raise IndexError(
+        raise OutOfRangeError(
             f"positions {idx.tolist()} out of range for {n} positions "
             f"({n_pre} prefix + {rows}x{cols} patches); see vit_lens.rowcol_to_patch_index"
         )
@@ -170,7 +171,7 @@ def _grid_of(model: Any, n_pos: int) -> Tuple[int, int]:
     side = int(round(math.sqrt(max(n_patch, 0))))
     if side * side == n_patch:
         return (side, side)
-    raise ValueError(
+    raise InputError(
         f"cannot infer the patch grid for {n_pos} positions; pass images of the model's native "
         f"size {cfg.image_size} (or square images)"
     )
@@ -182,15 +183,15 @@ def _grid_of(model: Any, n_pos: int) -> Tuple[int, int]:
 def _class_tensor(classes: Classes, n_classes: int, device: Any) -> Union[int, Tensor]:
     if isinstance(classes, int):
         if not -n_classes <= classes < n_classes:
-            raise IndexError(f"class {classes} out of range for {n_classes} classes")
+            raise OutOfRangeError(f"class {classes} out of range for {n_classes} classes")
         return classes % n_classes
     c = torch.as_tensor(classes, dtype=torch.long, device=device)
     if c.ndim == 0:
         return _class_tensor(int(c), n_classes, device)
     if c.ndim != 1:
-        raise ValueError(f"classes must be an int or one class per image [batch], got shape {tuple(c.shape)}")
+        raise InputError(f"classes must be an int or one class per image [batch], got shape {tuple(c.shape)}")
     if c.numel() and (c.min() < 0 or c.max() >= n_classes):
-        raise IndexError(f"classes {c.tolist()} out of range for {n_classes} classes")
+        raise OutOfRangeError(f"classes {c.tolist()} out of range for {n_classes} classes")
     return c
 
 
@@ -199,7 +200,7 @@ def _gather_class(x: Float[Tensor, "... batch n_classes"], classes: Classes) -> 
     if isinstance(c, int):
         return x[..., c]
     if x.shape[-2] != c.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"{c.shape[0]} target classes for a batch of {x.shape[-2]} images: give one class per image "
             "(or a single int for all)"
         )
@@ -264,9 +265,9 @@ class identifiability_metric:
     ):
         L = model.cfg.n_layers
         if not -L <= layer < L:
-            raise IndexError(f"layer {layer} out of range for {L} layers")
+            raise OutOfRangeError(f"layer {layer} out of range for {L} layers")
         if kind not in ("rate", "score"):
-            raise ValueError(f"kind must be 'rate' or 'score', got {kind!r}")
+            raise InputError(f"kind must be 'rate' or 'score', got {kind!r}")
         self.model = model
         self.classes = classes
         self.layer = layer % L
@@ -286,7 +287,7 @@ class identifiability_metric:
             c = torch.tensor(c, device=proj.device)
         else:
             if proj.shape[-3] != c.shape[0]:
-                raise ValueError(f"{c.shape[0]} target classes for a batch of {proj.shape[-3]} images")
+                raise InputError(f"{c.shape[0]} target classes for a batch of {proj.shape[-3]} images")
             c = c[:, None]  # broadcast over the tokens
         rank = class_rank(proj, c)
         if self.kind == "rate":
@@ -307,7 +308,7 @@ def _call_metric(metric: Metric, logits: Tensor, activation: Optional[Tensor]) -
         out = metric(logits)
     if not isinstance(out, Tensor) or out.shape != logits.shape[:-1]:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
+        raise InputError(
             f"a metric must return one value per image [..., batch] = {tuple(logits.shape[:-1])}, got {shape}; "
             "write it over the last axes, e.g. lambda logits: logits[..., c]"
         )
@@ -365,15 +366,15 @@ def _patch_mask(
     """
     if layout == "none":
         if pos is not None and not bool(pos.all()):
-            raise ValueError("this hook has no position axis ([batch, d_model]); leave positions=None")
+            raise InputError("this hook has no position axis ([batch, d_model]); leave positions=None")
         if heads is not None:
-            raise ValueError("this hook has no head axis; leave heads=None")
+            raise InputError("this hook has no head axis; leave heads=None")
         return None
     rest = ndim - 1
     m = None
     if layout == "pos":
         if heads is not None:
-            raise ValueError("heads can only be chosen for per-head hooks (attn.hook_q/k/v/z/result/pattern/attn_scores)")
+            raise InputError("heads can only be chosen for per-head hooks (attn.hook_q/k/v/z/result/pattern/attn_scores)")
         if pos is not None:
             m = pos.reshape(*pos.shape[:-1], 1, pos.shape[-1], *([1] * (rest - 1)))
         return m
@@ -399,11 +400,11 @@ def _head_mask(model: Any, heads: Union[None, int, Sequence[int], Tensor]) -> Op
     H = model.cfg.n_heads
     if isinstance(heads, Tensor) and heads.dtype == torch.bool:
         if heads.shape != (H,):
-            raise ValueError(f"a boolean head mask must have shape [{H}], got {tuple(heads.shape)}")
+            raise InputError(f"a boolean head mask must have shape [{H}], got {tuple(heads.shape)}")
         return heads.cpu()
     idx = torch.as_tensor(heads, dtype=torch.long).reshape(-1)
     if idx.numel() and (idx.min() < -H or idx.max() >= H):
-        raise IndexError(f"heads {idx.tolist()} out of range for {H} heads")
+        raise OutOfRangeError(f"heads {idx.tolist()} out of range for {H} heads")
     m = torch.zeros(H, dtype=torch.bool)
     m[idx % H] = True
     return m
@@ -442,9 +443,9 @@ def patching_hooks(
     """
     names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
     if value not in ("source", "zero", "mean", "resample"):
-        raise ValueError(f"value must be 'source', 'zero', 'mean' or 'resample', got {value!r}")
+        raise InputError(f"value must be 'source', 'zero', 'mean' or 'resample', got {value!r}")
     if value != "zero" and source is None:
-        raise ValueError(
+        raise InputError(
             f"value={value!r} needs a source run: pass source=cache from "
             "model.run_with_cache(other_images) (or use value='zero')"
         )
@@ -456,7 +457,7 @@ def patching_hooks(
         src = None
         if value != "zero":
             if name not in source:
-                raise KeyError(f"the source cache has no {name!r}; cache it with names_filter including it")
+                raise UnknownNameError(f"the source cache has no {name!r}; cache it with names_filter including it")
             src = source[name]
         pos_given = positions is not None
 
@@ -472,7 +473,7 @@ def patching_hooks(
                 new = _src
             new = new.to(device=act.device, dtype=act.dtype)
             if new.shape[1:] != act.shape[1:] or new.shape[0] not in (1, act.shape[0]):
-                raise ValueError(
+                raise InputError(
                     f"cannot patch {hook.name if hook is not None else 'activation'}: source shape "
                     f"{tuple(new.shape)} vs run shape {tuple(act.shape)} (batch must match or be 1)"
                 )
@@ -594,7 +595,7 @@ class PatchingResult:
 
     def _axis(self, dim: str) -> int:
         if dim not in self.dims:
-            raise ValueError(f"no axis {dim!r}; axes are {self.dims}")
+            raise InputError(f"no axis {dim!r}; axes are {self.dims}")
         return self.dims.index(dim)
 
     def grid(self, normalized: bool = True) -> Tuple[Tensor, Tuple[str, ...]]:
@@ -784,7 +785,7 @@ def _run_groups(
     from tqdm.auto import tqdm
 
     if clean.shape != corrupted.shape:
-        raise ValueError(
+        raise InputError(
             f"clean and corrupted batches must have the same shape (pairs of images), got "
             f"{tuple(clean.shape)} and {tuple(corrupted.shape)}"
         )
@@ -973,7 +974,7 @@ def patch_positions_sweep(
     groups = [_Group(_full_hook_name(model, hook, l), pos_masks, None, K) for l in layers]
     for g in groups:
         if _layout(g.name) not in ("pos", "pos_head"):
-            raise ValueError(f"{g.name} has no position axis to sweep; use patch_heads_sweep or another hook")
+            raise InputError(f"{g.name} has no position axis to sweep; use patch_heads_sweep or another hook")
     vals, cm, km = _run_groups(
         model, clean, corrupted, metric, groups, memory_mb=memory_mb, chunk_size=chunk_size,
         progress=progress, skip_unchanged=skip_unchanged, desc=f"patching {hook}",
@@ -1032,7 +1033,7 @@ def patch_heads_sweep(
     for l in layers:
         name = _full_hook_name(model, hook, l)
         if _layout(name) not in ("pos_head", "head_qk"):
-            raise ValueError(f"{name} has no head axis; use one of attn.hook_q/k/v/z/result/pattern/attn_scores")
+            raise InputError(f"{name} has no head axis; use one of attn.hook_q/k/v/z/result/pattern/attn_scores")
         groups.append(_Group(name, pm, head_masks, K))
     vals, cm, km = _run_groups(
         model, clean, corrupted, metric, groups, memory_mb=memory_mb, chunk_size=chunk_size,

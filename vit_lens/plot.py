@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
@@ -69,14 +70,14 @@ def _as_array(x: Any, name: str) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().to("cpu")
         if x.is_complex():
-            raise TypeError(f"{name}: complex tensors cannot be plotted")
+            raise InputTypeError(f"{name}: complex tensors cannot be plotted")
         x = x.double().numpy()
     elif hasattr(x, "to_numpy"):  # pandas Series / DataFrame
         x = x.to_numpy()
     try:
         arr = np.array(x, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise TypeError(
+        raise InputTypeError(
             f"{name} must be numbers (a tensor, numpy array or sequence of floats), got {type(x).__name__}: {e}"
         ) from None
     return arr
@@ -91,7 +92,7 @@ def _check_labels(labels: Optional[Sequence[Any]], n: int, what: str) -> list:
         return list(range(n))
     labels = list(labels)
     if len(labels) != n:
-        raise ValueError(f"{what} has {len(labels)} entries but the data has {n}; give one label per entry")
+        raise InputError(f"{what} has {len(labels)} entries but the data has {n}; give one label per entry")
     return labels
 
 
@@ -102,7 +103,7 @@ def _text_grid(hover_text: Any, shape: Tuple[int, ...], what: str = "hover_text"
         return arr
     if arr.size == int(np.prod(shape)):
         return arr.reshape(shape)
-    raise ValueError(f"{what} has shape {arr.shape} but the values have shape {shape}; give one string per value")
+    raise InputError(f"{what} has shape {arr.shape} but the values have shape {shape}; give one string per value")
 
 
 def position_labels(cfg: Any, grid_size: Optional[Tuple[int, int]] = None) -> list:
@@ -154,14 +155,14 @@ def layer_lines(
     """
     go = _go()
     if not isinstance(series, Mapping) or not series:
-        raise TypeError(
+        raise InputTypeError(
             "series must be a non-empty mapping name -> values, e.g. {'[CLS]': cls_values, 'image tokens': img_values}"
         )
     errors = dict(errors or {})
     hover_text = dict(hover_text or {})
     unknown = (set(errors) | set(hover_text) | set(dashed)) - set(series)
     if unknown:
-        raise ValueError(f"errors/hover_text/dashed name series that are not in `series`: {sorted(map(str, unknown))}")
+        raise InputError(f"errors/hover_text/dashed name series that are not in `series`: {sorted(map(str, unknown))}")
     fig = go.Figure()
     n_layers = None
     for name, values in series.items():
@@ -171,28 +172,28 @@ def layer_lines(
             err = arr.std(axis=0) if arr.shape[0] > 1 else None
             arr = arr.mean(axis=0)
         elif arr.ndim != 1:
-            raise ValueError(
+            raise InputError(
                 f"series[{name!r}] must be [n_layers] or [n_samples, n_layers], got shape {arr.shape}"
             )
         if n_layers is None:
             n_layers = arr.shape[0]
             x = _check_labels(x_labels, n_layers, "x_labels")
         elif arr.shape[0] != n_layers:
-            raise ValueError(
+            raise InputError(
                 f"series[{name!r}] has {arr.shape[0]} layers but the first series has {n_layers}; "
                 "all series must cover the same layers"
             )
         if name in errors:
             err = _as_array(errors[name], f"errors[{name!r}]")
             if err.shape != arr.shape:
-                raise ValueError(f"errors[{name!r}] has shape {err.shape}, expected {arr.shape}")
+                raise InputError(f"errors[{name!r}] has shape {err.shape}, expected {arr.shape}")
         text = [f"{name}<br>{xaxis_title or 'x'} {xl}: {_fmt(v)}" for xl, v in zip(x, arr)]
         if err is not None:
             text = [t + f" ± {_fmt(e, '.3g')}" for t, e in zip(text, err)]
         if name in hover_text:
             extra = list(hover_text[name])
             if len(extra) != n_layers:
-                raise ValueError(f"hover_text[{name!r}] has {len(extra)} entries, expected {n_layers}")
+                raise InputError(f"hover_text[{name!r}] has {len(extra)} entries, expected {n_layers}")
             text = [f"{t}<br>{e}" for t, e in zip(text, extra)]
         fig.add_trace(
             go.Scatter(
@@ -235,7 +236,7 @@ def _image_to_uint8(
             image = image[0]
         image = image.numpy() if not image.is_floating_point() else image.double().numpy()
     if not isinstance(image, np.ndarray):
-        raise TypeError(
+        raise InputTypeError(
             f"image must be a PIL image, a uint8 array [H, W, 3], or a normalised tensor [3, H, W]; "
             f"got {type(image).__name__}"
         )
@@ -245,23 +246,23 @@ def _image_to_uint8(
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     if arr.ndim != 3:
-        raise ValueError(f"image must be [H, W, C] or [C, H, W], got shape {arr.shape}")
+        raise InputError(f"image must be [H, W, C] or [C, H, W], got shape {arr.shape}")
     channels_first = arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3)
     if channels_first:
         arr = np.transpose(arr, (1, 2, 0))
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     if arr.shape[-1] != 3:
-        raise ValueError(f"image must have 1 or 3 channels, got shape {arr.shape}")
+        raise InputError(f"image must have 1 or 3 channels, got shape {arr.shape}")
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
     arr = arr.astype(np.float64)
     if mean is not None or std is not None:
         if mean is None or std is None:
-            raise ValueError("give both mean and std to undo the normalisation (e.g. model.data_config['mean'/'std'])")
+            raise InputError("give both mean and std to undo the normalisation (e.g. model.data_config['mean'/'std'])")
         arr = arr * np.asarray(std, dtype=np.float64) + np.asarray(mean, dtype=np.float64)
     elif arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
-        raise ValueError(
+        raise InputError(
             "the image is a float array outside [0, 1], so it looks normalised; pass mean= and std= to undo "
             "the normalisation, e.g. token_heatmap(v, images[0], mean=model.data_config['mean'], "
             "std=model.data_config['std'])"
@@ -281,10 +282,10 @@ def _token_grid(values: Any, grid_size: Optional[Tuple[int, int]]) -> np.ndarray
     arr = _as_array(values, "values")
     if arr.ndim == 2:
         if grid_size is not None and tuple(grid_size) != arr.shape:
-            raise ValueError(f"values have shape {arr.shape} but grid_size={tuple(grid_size)}")
+            raise InputError(f"values have shape {arr.shape} but grid_size={tuple(grid_size)}")
         return arr
     if arr.ndim != 1:
-        raise ValueError(
+        raise InputError(
             f"values must be one number per patch, [n_patches] or [rows, cols]; got shape {arr.shape}. "
             "For a batch, plot one image at a time (values[i])."
         )
@@ -292,7 +293,7 @@ def _token_grid(values: Any, grid_size: Optional[Tuple[int, int]]) -> np.ndarray
     if grid_size is not None:
         rows, cols = grid_size
         if rows * cols != n:
-            raise ValueError(
+            raise InputError(
                 f"values have {n} entries but grid_size={tuple(grid_size)} has {rows * cols} patches; "
                 "drop the prefix tokens first (values[model.cfg.n_prefix_tokens:])"
             )
@@ -304,7 +305,7 @@ def _token_grid(values: Any, grid_size: Optional[Tuple[int, int]]) -> np.ndarray
             if n > k and math.isqrt(n - k) ** 2 == n - k:
                 hint = f" (it looks like {k} prefix token(s) are included: use values[{k}:])"
                 break
-        raise ValueError(
+        raise InputError(
             f"values have {n} entries, which is not a square grid{hint}; pass grid_size=(rows, cols) "
             "or a [rows, cols] tensor, and only patch tokens (values[model.cfg.n_prefix_tokens:])"
         )
@@ -358,7 +359,7 @@ def token_heatmap(
     grid = _token_grid(values, grid_size)
     rows, cols = grid.shape
     if not 0.0 <= float(opacity) <= 1.0:
-        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+        raise InputError(f"opacity must be in [0, 1], got {opacity}")
     texts = np.empty((rows, cols), dtype=object)
     extra = _text_grid(hover_text, (rows, cols)) if hover_text is not None else None
     for r in range(rows):
@@ -444,7 +445,7 @@ def grid_heatmap(
     go = _go()
     arr = _as_array(values, "values")
     if arr.ndim != 2:
-        raise ValueError(
+        raise InputError(
             f"values must be a 2-D grid [rows, cols] (e.g. [n_layers, n_heads]), got shape {arr.shape}; "
             "average or select over the other axes first"
         )
@@ -452,7 +453,7 @@ def grid_heatmap(
     xl = [str(v) for v in _check_labels(x_labels, cols, "x_labels")]
     yl = [str(v) for v in _check_labels(y_labels, rows, "y_labels")]
     if len(set(xl)) != len(xl) or len(set(yl)) != len(yl):
-        raise ValueError("x_labels and y_labels must be unique (plotly merges equal category labels)")
+        raise InputError("x_labels and y_labels must be unique (plotly merges equal category labels)")
     extra = _text_grid(hover_text, (rows, cols)) if hover_text is not None else None
     xt, yt = xaxis_title or "x", yaxis_title or "y"
     texts = np.empty((rows, cols), dtype=object)
@@ -520,26 +521,26 @@ def topk_table(
         if vals.ndim == 1:
             vals, idx = vals[None], idx[None]
         if vals.shape != idx.shape or vals.ndim != 2:
-            raise ValueError(f"(values, indices) must both be [rows, k]; got {vals.shape} and {idx.shape}")
+            raise InputError(f"(values, indices) must both be [rows, k]; got {vals.shape} and {idx.shape}")
         n_classes = None
     else:
         arr = _as_array(scores, "scores")
         if arr.ndim == 1:
             arr = arr[None]
         if arr.ndim != 2:
-            raise ValueError(f"scores must be [rows, n_classes] (e.g. [n_layers, n_classes]), got shape {arr.shape}")
+            raise InputError(f"scores must be [rows, n_classes] (e.g. [n_layers, n_classes]), got shape {arr.shape}")
         n_classes = arr.shape[1]
         if not 1 <= k <= n_classes:
-            raise ValueError(f"k must be in 1..{n_classes} (the number of classes), got {k}")
+            raise InputError(f"k must be in 1..{n_classes} (the number of classes), got {k}")
         idx = np.argsort(-arr, axis=1, kind="stable")[:, :k]
         vals = np.take_along_axis(arr, idx, axis=1)
     rows, kk = idx.shape
     if class_names is not None:
         class_names = list(class_names)
         if n_classes is not None and len(class_names) != n_classes:
-            raise ValueError(f"{len(class_names)} class_names for {n_classes} classes")
+            raise InputError(f"{len(class_names)} class_names for {n_classes} classes")
         if idx.size and idx.max() >= len(class_names):
-            raise ValueError(f"class index {idx.max()} is out of range for {len(class_names)} class_names")
+            raise InputError(f"class index {idx.max()} is out of range for {len(class_names)} class_names")
     name = (lambda i: class_names[i]) if class_names is not None else (lambda i: f"class {i}")
     labels = [str(v) for v in _check_labels(row_labels, rows, "row_labels")]
     columns = [labels]
@@ -600,33 +601,33 @@ def bars(
     else:
         series = {"": values}
     if not series:
-        raise ValueError("values is empty")
+        raise InputError("values is empty")
     errors = dict(errors or {})
     hover_text = dict(hover_text or {})
     unknown = (set(errors) | set(hover_text)) - set(series)
     if unknown:
-        raise ValueError(f"errors/hover_text name series that are not in `values`: {sorted(map(str, unknown))}")
+        raise InputError(f"errors/hover_text name series that are not in `values`: {sorted(map(str, unknown))}")
     fig = go.Figure()
     n = None
     for name, v in series.items():
         arr = _as_array(v, f"values[{name!r}]" if name else "values")
         if arr.ndim != 1:
-            raise ValueError(f"each series must be 1-D [n_bars], got shape {arr.shape} for {name!r}")
+            raise InputError(f"each series must be 1-D [n_bars], got shape {arr.shape} for {name!r}")
         if n is None:
             n = arr.shape[0]
             cats = [str(c) for c in _check_labels(labels, n, "labels")]
         elif arr.shape[0] != n:
-            raise ValueError(f"series {name!r} has {arr.shape[0]} bars, the first has {n}")
+            raise InputError(f"series {name!r} has {arr.shape[0]} bars, the first has {n}")
         err = None
         if name in errors:
             err = _as_array(errors[name], f"errors[{name!r}]")
             if err.shape != arr.shape:
-                raise ValueError(f"errors[{name!r}] has shape {err.shape}, expected {arr.shape}")
+                raise InputError(f"errors[{name!r}] has shape {err.shape}, expected {arr.shape}")
         text = [(f"{name}<br>" if name else "") + f"{c}: {_fmt(x)}" for c, x in zip(cats, arr)]
         if name in hover_text:
             extra = list(hover_text[name])
             if len(extra) != n:
-                raise ValueError(f"hover_text[{name!r}] has {len(extra)} entries, expected {n}")
+                raise InputError(f"hover_text[{name!r}] has {len(extra)} entries, expected {n}")
             text = [f"{t}<br>{e}" for t, e in zip(text, extra)]
         kw = dict(x=arr, y=cats, orientation="h") if horizontal else dict(x=cats, y=arr)
         err_kw = dict(type="data", array=err, visible=True) if err is not None else None
@@ -671,7 +672,7 @@ def save_html(fig: "go.Figure", path: Union[str, os.PathLike]) -> Path:
         the absolute path written.
     """
     if not hasattr(fig, "write_html"):
-        raise TypeError(f"save_html expects a plotly Figure, got {type(fig).__name__}")
+        raise InputTypeError(f"save_html expects a plotly Figure, got {type(fig).__name__}")
     path = Path(path).expanduser()
     if not path.suffix:
         path = path.with_suffix(".html")
@@ -686,7 +687,7 @@ def save_html(fig: "go.Figure", path: Union[str, os.PathLike]) -> Path:
 def _require(obj: Any, attrs: Sequence[str], what: str) -> None:
     missing = [a for a in attrs if not hasattr(obj, a)]
     if missing:
-        raise TypeError(f"expected {what}, got {type(obj).__name__} (it lacks {', '.join(missing)})")
+        raise InputTypeError(f"expected {what}, got {type(obj).__name__} (it lacks {', '.join(missing)})")
 
 
 def _identifiability_groups(result: Any) -> list:
@@ -723,7 +724,7 @@ def identifiability_lines(
         text of each point also gives the other metric.
     """
     if metric not in ("top1_rate", "mean_r"):
-        raise ValueError(f"metric must be 'top1_rate' or 'mean_r', got {metric!r}")
+        raise InputError(f"metric must be 'top1_rate' or 'mean_r', got {metric!r}")
     series, hover, dashed = {}, {}, []
     x_labels = None
     for res, label in ((result, labels[0]), (random, labels[1])):
@@ -734,7 +735,7 @@ def identifiability_lines(
         if x_labels is None:
             x_labels = list(res.layers)
         elif list(res.layers) != x_labels:
-            raise ValueError(f"result and random cover different layers: {x_labels} vs {list(res.layers)}")
+            raise InputError(f"result and random cover different layers: {x_labels} vs {list(res.layers)}")
         rank = res.rank  # [layer, batch, pos]
         for group, pos in _identifiability_groups(res):
             sel = rank[:, :, pos] if pos != "image" else rank[:, :, res.n_prefix_tokens:]
@@ -796,9 +797,9 @@ def identifiability_map(
              "an IdentifiabilityResult (vit_lens.class_space.identifiability)")
     L, B, _ = result.rank.shape
     if not -L <= layer < L:
-        raise IndexError(f"layer {layer} out of range: the result has {L} layers ({list(result.layers)})")
+        raise OutOfRangeError(f"layer {layer} out of range: the result has {L} layers ({list(result.layers)})")
     if not -B <= index < B:
-        raise IndexError(f"index {index} out of range for a batch of {B} images")
+        raise OutOfRangeError(f"index {index} out of range for a batch of {B} images")
     if hasattr(image, "ndim") and image.ndim == 4 and image.shape[0] == B and B > 1:
         image = image[index]
     rank = result.rank[layer, index, result.n_prefix_tokens:]
@@ -818,7 +819,7 @@ def identifiability_map(
 def _class_by_name(name: str, names: Optional[Sequence[str]]) -> int:
     """Index of a class given its full name or one of its comma-separated synonyms ("tabby cat")."""
     if names is None:
-        raise ValueError(f"no class names are known, so {name!r} cannot be resolved; give a class index")
+        raise InputError(f"no class names are known, so {name!r} cannot be resolved; give a class index")
     key = name.strip().lower()
     exact = [i for i, n in enumerate(names) if n.lower() == key]
     if exact:
@@ -827,7 +828,7 @@ def _class_by_name(name: str, names: Optional[Sequence[str]]) -> int:
     if len(syn) == 1:
         return syn[0]
     close = [names[i] for i in syn] or [n for n in names if key in n.lower()][:3]
-    raise ValueError(f"class name {name!r} is " + ("ambiguous" if syn else "unknown")
+    raise InputError(f"class name {name!r} is " + ("ambiguous" if syn else "unknown")
                      + (f" (candidates: {close})" if close else "") + "; give a class index instead")
 
 
@@ -861,7 +862,7 @@ def memory_table(
         target = _class_by_name(target, names)
     target = int(target)
     if not 0 <= target < n_classes:
-        raise IndexError(f"target {target} out of range for {n_classes} classes")
+        raise OutOfRangeError(f"target {target} out of range for {n_classes} classes")
     flat = scores.reshape(scores.shape[0], -1, n_classes)          # [layer, n_values, C]
     best = flat[:, :, target].argmax(dim=1)                        # [layer]
     rows = flat[torch.arange(flat.shape[0]), best]                 # [layer, C]
@@ -909,7 +910,7 @@ def dla_figure(
     values = result.values.detach().double().cpu()
     B = values.shape[-1]
     if index is not None and not -B <= index < B:
-        raise IndexError(f"index {index} out of range for a batch of {B} images")
+        raise OutOfRangeError(f"index {index} out of range for a batch of {B} images")
     pick = (lambda v: v[..., index]) if index is not None else (lambda v: v.mean(-1))
     v = pick(values)
     tgt = result.target.cpu()
@@ -953,7 +954,7 @@ def dla_figure(
             title=head, yaxis_title=d0, xaxis_title=d1, colorbar_title="logit",
             hover_text=[[hover_line] * v.shape[1] for _ in range(v.shape[0])],
         )
-    raise ValueError(
+    raise InputError(
         f"a DLAResult with axes {result.dims} has more than two axes; sum one first, e.g. "
         "dataclasses.replace(result, values=result.values.sum(1), dims=('layer', 'pos'))"
     )
@@ -1003,7 +1004,7 @@ def patching_figure(
              "a PatchingResult (vit_lens.patching)")
     dims = list(result.dims)
     if dims[-1] != "batch":
-        raise ValueError(f"expected the batch axis last, got dims {result.dims}")
+        raise InputError(f"expected the batch axis last, got dims {result.dims}")
     if normalized:
         import warnings
 
@@ -1016,7 +1017,7 @@ def patching_figure(
     B = v.shape[-1]
     if index is not None:
         if not -B <= index < B:
-            raise IndexError(f"index {index} out of range for a batch of {B} images")
+            raise OutOfRangeError(f"index {index} out of range for a batch of {B} images")
         v = v[..., index]
     else:
         v = torch.nanmean(v, dim=-1)
@@ -1025,14 +1026,14 @@ def patching_figure(
     if "component" in dims:
         comps = list(coords["component"])
         if component is None:
-            raise ValueError(f"this sweep patched several components {comps}; choose one with component=")
+            raise InputError(f"this sweep patched several components {comps}; choose one with component=")
         if component not in comps:
-            raise ValueError(f"component {component!r} not in {comps}")
+            raise InputError(f"component {component!r} not in {comps}")
         i = dims.index("component")
         v = v.select(i, comps.index(component))
         dims.pop(i)
     elif component is not None:
-        raise ValueError(f"component= is for component sweeps; this result has dims {result.dims}")
+        raise InputError(f"component= is for component sweeps; this result has dims {result.dims}")
     hook = getattr(result, "hook", "") or ""
     if component is not None:
         hook = f"{component} ({hook})" if hook else component
@@ -1047,12 +1048,12 @@ def patching_figure(
     if len(dims) == 1:
         return bars(v, labels=labels[dims[0]], title=head, xaxis_title=dims[0], yaxis_title=what)
     if len(dims) != 2:
-        raise ValueError(f"cannot draw a sweep with axes {tuple(dims)}; select or average some first")
+        raise InputError(f"cannot draw a sweep with axes {tuple(dims)}; select or average some first")
     if dims == ["layer", "pos"] and (layer is not None or image is not None):
         layers = list(coords["layer"])
         layer = layers[-1] if layer is None else layer
         if layer not in layers:
-            raise ValueError(f"layer {layer} was not swept; swept layers: {layers}")
+            raise InputError(f"layer {layer} was not swept; swept layers: {layers}")
         row = v[layers.index(layer)]                                       # [pos]
         rows, cols = result.grid_size
         n_pre = result.n_prefix_tokens
@@ -1102,7 +1103,7 @@ def context_figure(
     need = {"tokens", "context", "layer", value}
     cols = set(getattr(frame, "columns", []))
     if not need <= cols:
-        raise ValueError(f"frame must have columns {sorted(need)} (from context_comparison); it has {sorted(cols)}")
+        raise InputError(f"frame must have columns {sorted(need)} (from context_comparison); it has {sorted(cols)}")
     mean = frame.groupby(["tokens", "context", "layer"], sort=True)[value].mean()
     n_img = frame["image"].nunique() if "image" in cols else None
     suffix = f" (mean over {n_img} images)" if n_img and n_img > 1 else ""
@@ -1120,7 +1121,7 @@ def context_figure(
                            title=title if title is not None else f"Context ablation: {value} per block{suffix}")
     layers = sorted(frame["layer"].unique())
     if layer not in layers:
-        raise ValueError(f"layer {layer} not in the table; it has {layers}")
+        raise InputError(f"layer {layer} not in the table; it has {layers}")
     at = mean.xs(layer, level="layer").unstack("context")          # rows: tokens, columns: with/without
     at.index = [label.get(t, t) for t in at.index]
     at.columns = [f"{c} the rest" for c in at.columns]

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from vit_lens.core.errors import InputError, InputTypeError
 
 
 def load_image(item: Any) -> Image.Image:
@@ -27,7 +28,7 @@ def load_image(item: Any) -> Image.Image:
         item = item.detach().cpu().numpy()
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8:
-            raise TypeError(
+            raise InputTypeError(
                 f"arrays must be uint8 images (0..255), got dtype {item.dtype}; a float tensor that is "
                 "already normalised can be passed to the model directly."
             )
@@ -36,9 +37,9 @@ def load_image(item: Any) -> Image.Image:
         if item.ndim == 3 and item.shape[-1] == 1:
             item = item[..., 0]
         if item.ndim not in (2, 3):
-            raise ValueError(f"expected an image [H, W, C] or [C, H, W], got an array of shape {item.shape}")
+            raise InputError(f"expected an image [H, W, C] or [C, H, W], got an array of shape {item.shape}")
         return Image.fromarray(item).convert("RGB")
-    raise TypeError(
+    raise InputTypeError(
         f"cannot read an image from {type(item).__name__}; pass PIL images, file paths, or uint8 arrays/tensors"
     )
 
@@ -66,17 +67,17 @@ def build_transform(data_config: dict, mode: Literal["timm", "paper"] = "timm"):
         cfg["crop_pct"] = 1.0
         cfg["crop_mode"] = "squash"  # resize to exactly input_size, no crop
         return create_transform(**cfg, is_training=False)
-    raise ValueError(f"mode must be 'timm' or 'paper', got {mode!r}")
+    raise InputError(f"mode must be 'timm' or 'paper', got {mode!r}")
 
 
 def preprocess_images(images: Any, data_config: dict, mode: Literal["timm", "paper"] = "timm") -> Tensor:
     """Images -> [batch, chans, height, width] float32 tensor normalised with the model's mean/std."""
     items = _as_list(images)
     if not items:
-        raise ValueError("no images given")
+        raise InputError("no images given")
     chans = int(data_config.get("input_size", (3,))[0])
     if chans not in (1, 3):
-        raise ValueError(
+        raise InputError(
             f"preprocess reads RGB or grayscale images, but this model takes {chans}-channel input; "
             f"pass a normalised float tensor [batch, {chans}, height, width] to the model directly."
         )

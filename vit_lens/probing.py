@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+from vit_lens.core.errors import InputError, OutOfRangeError
 
 COMPONENTS = {
     "resid": "hook_resid_post",
@@ -70,20 +71,20 @@ def ridge_fit(
         ``(W [*probes, d, k], b [*probes, k])`` in ``X``'s dtype.
     """
     if alpha <= 0:
-        raise ValueError(f"alpha must be > 0 (ridge), got {alpha}")
+        raise InputError(f"alpha must be > 0 (ridge), got {alpha}")
     if X.ndim < 2:
-        raise ValueError(f"X must be [..., n, d], got shape {tuple(X.shape)}")
+        raise InputError(f"X must be [..., n, d], got shape {tuple(X.shape)}")
     if Y.ndim == 1:
         Y = Y[:, None]
     n, d = X.shape[-2:]
     if Y.shape[-2] != n:
-        raise ValueError(f"X has {n} samples but Y has {Y.shape[-2]}")
+        raise InputError(f"X has {n} samples but Y has {Y.shape[-2]}")
     Xd, Yd = X.double(), Y.double().expand(*X.shape[:-2], n, Y.shape[-1])
     if fit_intercept:
         x_mean, y_mean = Xd.mean(-2, keepdim=True), Yd.mean(-2, keepdim=True)
         Xd, Yd = Xd - x_mean, Yd - y_mean
     if not bool(torch.isfinite(Xd).all()):
-        raise ValueError("X holds NaN or inf values; ridge regression needs finite features")
+        raise InputError("X holds NaN or inf values; ridge regression needs finite features")
     if n <= d:
         K = Xd @ Xd.transpose(-1, -2)
         K.diagonal(dim1=-2, dim2=-1).add_(alpha)
@@ -158,10 +159,10 @@ def fit_ridge_probe(
     """
     labels = torch.as_tensor(labels).long().to(X.device)
     if labels.ndim != 1 or labels.shape[0] != X.shape[-2]:
-        raise ValueError(f"labels must be [n={X.shape[-2]}], got shape {tuple(labels.shape)}")
+        raise InputError(f"labels must be [n={X.shape[-2]}], got shape {tuple(labels.shape)}")
     classes_t = torch.unique(labels) if classes is None else torch.as_tensor(list(classes), device=X.device).long()
     if len(classes_t) < 2:
-        raise ValueError("a probe needs at least two classes in its training labels")
+        raise InputError("a probe needs at least two classes in its training labels")
     Y = (labels[:, None] == classes_t[None, :]).to(X.dtype) * 2 - 1  # +-1 targets
     W, b = ridge_fit(X, Y, alpha)
     return RidgeProbe(W, b, classes_t.cpu(), float(alpha))
@@ -176,7 +177,7 @@ def _positions(model, positions, P: int) -> List[int]:
         return list(range(P))
     if positions == "cls":
         if not model.cfg.has_class_token:
-            raise ValueError(f"{model.cfg.model_name} has no class token")
+            raise InputError(f"{model.cfg.model_name} has no class token")
         return [0]
     if positions == "patches":
         return list(range(n_pre, P))
@@ -184,13 +185,13 @@ def _positions(model, positions, P: int) -> List[int]:
         positions = [positions]
     out = [int(p) % P if -P <= int(p) < P else None for p in positions]
     if None in out:
-        raise IndexError(f"positions must be in 0..{P - 1}, got {list(positions)}")
+        raise OutOfRangeError(f"positions must be in 0..{P - 1}, got {list(positions)}")
     return out
 
 
 def _component_hook(component: str) -> str:
     if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r}; choose from {sorted(COMPONENTS)}")
+        raise InputError(f"unknown component {component!r}; choose from {sorted(COMPONENTS)}")
     return COMPONENTS[component]
 
 
@@ -276,9 +277,9 @@ def linear_probe_sweep(
     train = collect_activations(model, train_images, **kw)
     test = collect_activations(model, test_images, **kw)
     if len(train_labels) != next(iter(train.values())).shape[0]:
-        raise ValueError(f"{len(train_labels)} train labels for {next(iter(train.values())).shape[0]} train images")
+        raise InputError(f"{len(train_labels)} train labels for {next(iter(train.values())).shape[0]} train images")
     if len(test_labels) != next(iter(test.values())).shape[0]:
-        raise ValueError(f"{len(test_labels)} test labels for {next(iter(test.values())).shape[0]} test images")
+        raise InputError(f"{len(test_labels)} test labels for {next(iter(test.values())).shape[0]} test images")
     rows = []
     W_dtype = model.dtype
     for (comp, layer), Xtr in tqdm(train.items(), desc="probes", disable=not progress, leave=False):

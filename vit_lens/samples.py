@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict
 
 from PIL import Image
+from vit_lens.core.errors import InputTypeError, UnknownNameError
 
 _DIR = Path(__file__).resolve().parent / "data" / "samples"
 
@@ -32,13 +33,13 @@ _FILES = {name: f"{name}.jpg" for name in SAMPLE_IMAGES}
 def sample_image_path(name: str) -> Path:
     """Path of a built-in sample image (one of :data:`SAMPLE_IMAGES`)."""
     if not isinstance(name, str):
-        raise TypeError(f"sample image name must be a string, one of {list(SAMPLE_IMAGES)}; got {name!r}")
+        raise InputTypeError(f"sample image name must be a string, one of {list(SAMPLE_IMAGES)}; got {name!r}")
     key = name.strip().lower().replace("-", "_").replace(" ", "_")
     key = {"chelsea.jpg": "chelsea", "coffee.jpg": "coffee", "grace_hopper.jpg": "grace_hopper"}.get(key, key)
     if key not in _FILES:
         close = difflib.get_close_matches(key, list(_FILES), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"no sample image {name!r}.{hint} Available: {list(SAMPLE_IMAGES)}")
+        raise UnknownNameError(f"no sample image {name!r}.{hint} Available: {list(SAMPLE_IMAGES)}")
     path = _DIR / _FILES[key]
     if not path.is_file():  # a broken install (package data not included)
         raise FileNotFoundError(f"sample image {path} is missing; reinstall vit_lens (pip install -e .)")

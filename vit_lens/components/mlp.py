@@ -10,6 +10,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from vit_lens.config import HookedViTConfig
+from vit_lens.core.errors import InputError
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -35,7 +36,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: HookedViTConfig):
         super().__init__()
         if cfg.act_fn not in ACTIVATIONS:
-            raise ValueError(f"unknown act_fn {cfg.act_fn!r}; supported: {sorted(ACTIVATIONS)}")
+            raise InputError(f"unknown act_fn {cfg.act_fn!r}; supported: {sorted(ACTIVATIONS)}")
         self.act = ACTIVATIONS[cfg.act_fn]
         # TransformerLens shapes in nn.Linear's memory layout, so ``W.T`` below is contiguous (timm's GEMMs)
         self.W_in = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model).T)

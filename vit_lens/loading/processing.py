@@ -50,6 +50,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from vit_lens.core.errors import InputError, InputTypeError
 
 PROCESSING_OPTIONS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
@@ -58,7 +59,7 @@ HEAD_SOURCE = ("head_source_W", "head_source_b", "head_source_W_dist", "head_sou
 FINAL_NORM = ("final_norm_w", "final_norm_b")
 
 
-class ProcessingError(ValueError):
+class ProcessingError(InputError):
     """A weight-processing option that would not preserve this model."""
 
 
@@ -66,12 +67,12 @@ def validate_processing_options(options: Dict[str, object]) -> None:
     """Refuse unknown keywords (nothing passed to ``from_pretrained`` is silently dropped)."""
     unknown = sorted(set(options) - set(PROCESSING_OPTIONS))
     if unknown:
-        raise TypeError(
+        raise InputTypeError(
             f"unexpected keyword argument(s) {unknown}; weight-processing options are {list(PROCESSING_OPTIONS)}"
         )
     for k, v in options.items():
         if not isinstance(v, bool):
-            raise TypeError(f"{k} must be True or False, got {v!r}")
+            raise InputTypeError(f"{k} must be True or False, got {v!r}")
 
 
 def check_processing(cfg, has_head: bool, options: Dict[str, bool]) -> None:
@@ -305,19 +306,19 @@ def residual_class_directions(model, W: Tensor, bias: Optional[Tensor], space: s
     ref = next(model.parameters())
     W = torch.as_tensor(W).to(device=ref.device, dtype=ref.dtype)
     if W.ndim != 2:
-        raise ValueError(f"W must be a matrix [inputs, n_classes], got shape {tuple(W.shape)}")
+        raise InputError(f"W must be a matrix [inputs, n_classes], got shape {tuple(W.shape)}")
     n = W.shape[1]
     if bias is not None:
         bias = torch.as_tensor(bias).to(device=ref.device, dtype=ref.dtype)
         if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+            raise InputError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
     zero = torch.zeros(n, device=ref.device, dtype=ref.dtype)
     snapshot_head(model)
     with torch.no_grad():
         if space == "residual":
             D = model.cfg.d_model
             if W.shape[0] != D:
-                raise ValueError(
+                raise InputError(
                     f"W must be [d_model={D}, n_classes], got {tuple(W.shape)}; for directions in the space of "
                     "the model's head outputs (e.g. CLIP text embeddings) pass space='head'."
                 )
@@ -328,12 +329,12 @@ def residual_class_directions(model, W: Tensor, bias: Optional[Tensor], space: s
         elif space == "head":
             src = getattr(model, "head_source_W", None)
             if src is None:
-                raise ValueError(
+                raise InputError(
                     f"{model.cfg.model_name} has no classifier or projection head of its own, so space='head' has "
                     "no meaning; give directions in the residual space: set_class_directions(W [d_model, n_classes])."
                 )
             if W.shape[0] != src.shape[1]:
-                raise ValueError(
+                raise InputError(
                     f"space='head': W must be [n_head_outputs={src.shape[1]}, n_classes] (the model's original head "
                     f"has {src.shape[1]} outputs), got {tuple(W.shape)}"
                 )
@@ -342,7 +343,7 @@ def residual_class_directions(model, W: Tensor, bias: Optional[Tensor], space: s
             if getattr(model, "head_source_W_dist", None) is not None:
                 heads.append((model.head_source_W_dist @ W, model.head_source_b_dist @ W + b))
         else:
-            raise ValueError(f"space must be 'residual' or 'head', got {space!r}")
+            raise InputError(f"space must be 'residual' or 'head', got {space!r}")
         if "center_unembed" in applied_processing(model):
             heads = [(_center(Wh, -1), _center(bh)) for Wh, bh in heads]
     return heads

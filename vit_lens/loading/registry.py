@@ -14,6 +14,7 @@ import argparse
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
+from vit_lens.core.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ def supported_models(family: Optional[str] = None, *, pattern: Optional[str] = N
     """
     keys = [f.key for f in FAMILIES]
     if family is not None and family not in keys:
-        raise ValueError(f"unknown family {family!r}; families: {keys}")
+        raise InputError(f"unknown family {family!r}; families: {keys}")
     names = {n for f in FAMILIES if family in (None, f.key) for n in f.names}
     if pattern is not None:
         names = {n for n in names if fnmatch.fnmatch(n, pattern)}

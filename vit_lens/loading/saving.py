@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from vit_lens.core.errors import InputError
 
 FORMAT = "vit_lens.hooked_vit/1"
 
@@ -34,7 +35,7 @@ def save_hooked(model: Any, path: Union[str, os.PathLike]) -> Path:
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"save to a .safetensors file, got {str(path)!r}")
+        raise InputError(f"save to a .safetensors file, got {str(path)!r}")
     tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -65,13 +66,13 @@ def load_hooked(
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("vit_lens")
     if raw is None:
-        raise ValueError(
+        raise InputError(
             f"{str(path)!r} was not written by HookedViT.save (no 'vit_lens' metadata). A timm checkpoint "
             "loads with HookedViT.from_pretrained(name, checkpoint_path=...)."
         )
     meta = json.loads(raw)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} has format {meta.get('format')!r}; this vit_lens reads {FORMAT!r}")
+        raise InputError(f"{str(path)!r} has format {meta.get('format')!r}; this vit_lens reads {FORMAT!r}")
     fields = {f.name for f in dataclasses.fields(HookedViTConfig)}
     cfg = HookedViTConfig(**{k: v for k, v in meta["config"].items() if k in fields})
     model = cls(cfg)

@@ -17,13 +17,14 @@ import torch
 import torch.nn as nn
 
 from vit_lens.config import HookedViTConfig
+from vit_lens.core.errors import InputError, InputTypeError
 
 CHECKPOINT_ENV = "VIT_LENS_CHECKPOINTS"
 #: timm modules whose models may be supported (anything else is refused before it is built)
 VIT_MODULES = ("vision_transformer", "deit")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError):
     """The timm model has a feature HookedViT does not reproduce exactly."""
 
 
@@ -41,13 +42,13 @@ def resolve_model_name(name: str) -> Tuple[str, str]:
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     if not isinstance(name, str) or not name:
-        raise TypeError(f"model name must be a non-empty string, got {name!r}")
+        raise InputTypeError(f"model name must be a non-empty string, got {name!r}")
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
         candidates = timm.list_models("*vit*") + timm.list_models("deit*")
         close = difflib.get_close_matches(arch, candidates, n=4, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise InputError(
             f"unknown model name {name!r}: timm has no architecture {arch!r}.{hint} "
             "See vit_lens.supported_models() or timm.list_models('vit_*')."
         )
@@ -60,7 +61,7 @@ def resolve_model_name(name: str) -> Tuple[str, str]:
 
         known = sorted(get_arch_pretrained_cfgs(arch))
         if f"{arch}.{tag}" not in known:
-            raise ValueError(f"unknown pretrained tag {tag!r} for {arch}; timm knows: {known}")
+            raise InputError(f"unknown pretrained tag {tag!r} for {arch}; timm knows: {known}")
     return arch, tag
 
 
@@ -435,7 +436,7 @@ def create_timm_model(
     full = f"{arch}.{tag}" if tag else arch
     timm_kwargs = dict(timm_kwargs or {})
     if "pretrained" in timm_kwargs:
-        raise TypeError("timm_kwargs must not contain 'pretrained' (from_pretrained always loads weights)")
+        raise InputTypeError("timm_kwargs must not contain 'pretrained' (from_pretrained always loads weights)")
     check_architecture_fast(full, timm_kwargs)
     path = Path(checkpoint_path).expanduser() if checkpoint_path is not None else local_checkpoint(full)
     if checkpoint_path is not None and not path.is_file():
@@ -450,7 +451,7 @@ def create_timm_model(
             ) from e
     else:
         if not tag:
-            raise ValueError(
+            raise InputError(
                 f"timm has no pretrained weights registered for {arch}; pass checkpoint_path=..., or "
                 f"build the timm model yourself and use HookedViT.from_timm(model)."
             )
@@ -475,9 +476,9 @@ def load_pretrained(cls, name: str, *, checkpoint_path=None, device=None, dtype=
 
     validate_processing_options(processing)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        raise InputTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if timm_kwargs is not None and not isinstance(timm_kwargs, dict):
-        raise TypeError(f"timm_kwargs must be a dict of timm.create_model arguments, got {type(timm_kwargs).__name__}")
+        raise InputTypeError(f"timm_kwargs must be a dict of timm.create_model arguments, got {type(timm_kwargs).__name__}")
     timm_model, full = create_timm_model(name, checkpoint_path, timm_kwargs)
     if family_of(full) is None:
         warnings.warn(
