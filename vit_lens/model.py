@@ -109,6 +109,7 @@ class HookedViT(HookedRootModule):
             raise InputError(f"return_type must be 'logits' or None, got {return_type!r}")
         if start_at_layer is None:
             grid = self._check_images(images)
+            images = self._finite_in_model_dtype(images)
             embed = self.hook_embed(self.embed(images))
             pos = self.hook_pos_embed(self.pos_embed(embed.shape[0], grid))
             resid = embed + pos
@@ -179,6 +180,26 @@ class HookedViT(HookedRootModule):
             return (self.unembed(pooled[:, 0]) + self.unembed_dist(pooled[:, 1])) / 2
         return self.unembed(pooled)
 
+    def _finite_in_model_dtype(self, images: Tensor) -> Tensor:
+        """Images in the model's dtype (pixels are exact in any float dtype, so a float32 batch runs
+        on a float64 model), refusing NaN / inf pixels: they would propagate into every token and
+        every score silently."""
+        ref = self.embed.W_E
+        if images.device != ref.device:
+            raise InputError(
+                f"the images are on {images.device} but the model is on {ref.device}; move them with "
+                f"images.to(model.device) (model.preprocess(...) does this)"
+            )
+        if images.dtype != ref.dtype:
+            images = images.to(ref.dtype)
+        if not bool(torch.isfinite(images).all()):
+            bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise InputError(
+                f"images {bad} of the batch contain NaN or inf pixels; every score computed from them would be "
+                "meaningless. Check how they were loaded or normalised (model.preprocess(paths) gives a clean batch)."
+            )
+        return images
+
     def _check_images(self, images: Any) -> tuple:
         cfg = self.cfg
         if not isinstance(images, Tensor):
@@ -197,6 +218,10 @@ class HookedViT(HookedRootModule):
             raise InputTypeError(
                 f"expected a float tensor, got dtype {images.dtype}; use model.preprocess(images) "
                 "to convert uint8 images (it resizes and normalises them with the model's own config)."
+            )
+        if images.shape[0] == 0:
+            raise InputError(
+                f"the batch is empty (shape {tuple(images.shape)}); pass at least one image [batch >= 1, {cfg.in_chans}, H, W]"
             )
         if images.shape[1] != cfg.in_chans:
             raise InputError(
