@@ -15,10 +15,24 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from vit_lens.components import LayerNorm, PatchEmbed, PosEmbed, TransformerBlock, Unembed
+from vit_lens.components.readout import Readout
 from vit_lens.config import HookedViTConfig
 from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError, UnknownNameError
 
 ReturnType = Optional[Literal["logits"]]
+
+_READOUT = "readout."
+#: state-dict prefixes of the readout before it was one component (files saved by vit_lens 0.1 format 1)
+_LEGACY_READOUT = ("ln_final.", "fc_norm.", "unembed.", "unembed_dist.", "head_source_", "final_norm_")
+
+
+def _legacy_readout_keys(state_dict, prefix, *args, **kwargs) -> None:
+    """Load state dicts that name the readout's tensors without the ``readout.`` prefix (timm
+    conversion output, format-1 files)."""
+    for key in list(state_dict):
+        rel = key[len(prefix):]
+        if key.startswith(prefix) and rel.startswith(_LEGACY_READOUT):
+            state_dict[prefix + _READOUT + rel] = state_dict.pop(key)
 
 
 class HookedViT(HookedRootModule):
@@ -61,14 +75,8 @@ class HookedViT(HookedRootModule):
         self.hook_pos_embed = HookPoint()
         self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.has_norm_pre else None
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
-        final_affine = cfg.normalization_type == "LN"
-        self.ln_final = LayerNorm(cfg.d_model, cfg.eps, affine=final_affine) if cfg.has_ln_final else None
-        self.fc_norm = LayerNorm(cfg.d_model, cfg.eps, affine=final_affine) if cfg.has_fc_norm else None
-        self.hook_pooled = HookPoint()
-        self.unembed = Unembed(cfg.d_model, cfg.n_classes) if cfg.n_classes > 0 else None
-        self.unembed_dist = Unembed(cfg.d_model, cfg.n_classes) if cfg.pooling == "token_dist" and cfg.n_classes else None
-        #: class names, index-aligned with the columns of ``W_U`` (None if unknown)
-        self.class_names: Optional[List[str]] = None
+        #: final norm(s) -> pooling -> classifier(s), class directions and their declared state
+        self.readout = Readout(cfg)
         #: timm data config used by :meth:`preprocess` (input_size, interpolation, mean, std, crop)
         self.data_config: dict = {
             "input_size": (cfg.in_chans, *cfg.image_size),
@@ -78,7 +86,61 @@ class HookedViT(HookedRootModule):
             "crop_pct": 1.0,
             "crop_mode": "center",
         }
+        self._register_load_state_dict_pre_hook(_legacy_readout_keys)
         self.setup()
+
+    def setup(self) -> None:
+        """TransformerLens's setup, with the readout's hook points and modules under their
+        TransformerLens names (``ln_final.hook_scale``, ``fc_norm.*``, ``hook_pooled``: no
+        ``readout.`` prefix)."""
+        super().setup()
+        renamed_mods, renamed_hooks = {}, {}
+        for name, module in self.mod_dict.items():
+            short = name[len(_READOUT):] if name.startswith(_READOUT) else name
+            module.name = short
+            renamed_mods[short] = module
+            if name in self.hook_dict:
+                renamed_hooks[short] = module
+        self.mod_dict, self.hook_dict = renamed_mods, renamed_hooks
+
+    # the readout's parts, under the names TransformerLens code and users know
+    @property
+    def ln_final(self) -> Optional[LayerNorm]:
+        return self.readout.ln_final
+
+    @property
+    def fc_norm(self) -> Optional[LayerNorm]:
+        return self.readout.fc_norm
+
+    @property
+    def hook_pooled(self) -> HookPoint:
+        return self.readout.hook_pooled
+
+    @property
+    def unembed(self) -> Optional[Unembed]:
+        return self.readout.unembed
+
+    @property
+    def unembed_dist(self) -> Optional[Unembed]:
+        return self.readout.unembed_dist
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """Class names, index-aligned with the columns of ``W_U`` (None if unknown)."""
+        return self.readout.class_names
+
+    @class_names.setter
+    def class_names(self, names: Optional[Sequence[str]]) -> None:
+        self.readout.class_names = list(names) if names is not None else None
+
+    @property
+    def class_synsets(self) -> Optional[List[str]]:
+        """WordNet ids of the classes (None if unknown)."""
+        return self.readout.class_synsets
+
+    @class_synsets.setter
+    def class_synsets(self, synsets: Optional[Sequence[str]]) -> None:
+        self.readout.class_synsets = list(synsets) if synsets is not None else None
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -126,10 +188,10 @@ class HookedViT(HookedRootModule):
             resid = block(resid)
         if stop_at_layer is not None:
             return resid
-        pooled = self.hook_pooled(self._pool(resid))
+        pooled = self.readout.pooled(resid)
         if return_type is None:
             return None
-        return self._classify(pooled)
+        return self.readout.classify(pooled)
 
     def _check_residual(self, resid: Any, start_at_layer: int) -> int:
         """Validate a residual-stream input for ``start_at_layer``; returns the block index."""
@@ -156,29 +218,6 @@ class HookedViT(HookedRootModule):
                 f"tokens, so it needs its {cfg.n_prefix_tokens} prefix token(s) and at least one image token"
             )
         return start
-
-    def _pool(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_model"]:
-        """Final norm(s) and pooling: the vector the classifier reads."""
-        cfg = self.cfg
-        if self.ln_final is not None:
-            resid = self.ln_final(resid)
-        if cfg.pooling == "token":
-            pooled = resid[:, 0]
-        elif cfg.pooling == "token_dist":
-            pooled = resid[:, :2]  # [batch, 2, d_model]: the [CLS] and distillation tokens
-        else:
-            pooled = resid[:, cfg.n_prefix_tokens:].mean(dim=1)
-        if self.fc_norm is not None:
-            pooled = self.fc_norm(pooled)
-        return pooled
-
-    def _classify(self, pooled: Tensor) -> Tensor:
-        if self.unembed is None:
-            # headless: the pooled features (distilled: the mean of [CLS] and distillation token, as timm)
-            return pooled.mean(dim=1) if self.cfg.pooling == "token_dist" else pooled
-        if self.cfg.pooling == "token_dist":
-            return (self.unembed(pooled[:, 0]) + self.unembed_dist(pooled[:, 1])) / 2
-        return self.unembed(pooled)
 
     def _finite_in_model_dtype(self, images: Tensor) -> Tensor:
         """Images in the model's dtype (pixels are exact in any float dtype, so a float32 batch runs
@@ -338,53 +377,27 @@ class HookedViT(HookedRootModule):
         """Compute per-head outputs and fire ``blocks.{l}.attn.hook_result`` (costs memory)."""
         self.cfg.use_attn_result = bool(use_attn_result)
 
-    # ------------------------------------------------------------------ class space
+    # ------------------------------------------------------------------ class space (delegates to self.readout)
     @property
     def W_U(self) -> Float[Tensor, "d_model n_classes"]:
         """The class embeddings (classifier weight), one column per class."""
-        return self._require_unembed().W_U
+        return self.readout.require_head().W_U
 
     @property
     def b_U(self) -> Float[Tensor, "n_classes"]:
-        return self._require_unembed().b_U
-
-    def _require_unembed(self) -> Unembed:
-        if self.unembed is None:
-            raise InputError(
-                f"{self.cfg.model_name} has no classifier (n_classes=0), so it has no class space. "
-                "Give it class directions with model.set_class_directions(W) (for example text "
-                "embeddings of class names), then retry."
-            )
-        return self.unembed
+        return self.readout.require_head().b_U
 
     def to_single_token(self, name: Union[str, int]) -> int:
-        """Class index of a class name (``"tabby cat"``, ``"tabby, tabby cat"`` or a WordNet id)."""
+        """Class index of a class name (TransformerLens's name for :meth:`class_index`)."""
         return self.class_index(name)
 
     def class_index(self, name: Union[str, int]) -> int:
-        """Class index from a class name, a synset id, or an index (checked against n_classes)."""
-        n = self.cfg.n_classes
-        if isinstance(name, (int,)) or (isinstance(name, Tensor) and name.ndim == 0):
-            idx = int(name)
-            if not 0 <= idx < n:
-                raise OutOfRangeError(f"class index {idx} out of range for {n} classes")
-            return idx
-        if not isinstance(name, str):
-            raise InputTypeError(f"expected a class name or index, got {type(name).__name__}")
-        if name.isdigit():
-            return self.class_index(int(name))
-        names = self.class_names or []
-        key = name.strip().lower()
-        for i, full in enumerate(names):
-            parts = [p.strip().lower() for p in full.split(",")]
-            if key == full.lower() or key in parts:
-                return i
-        synsets = getattr(self, "class_synsets", None) or []
-        if key in synsets:
-            return synsets.index(key)
-        close = difflib.get_close_matches(key, [p.strip().lower() for f in names for p in f.split(",")], n=3)
-        hint = f" Did you mean {close}?" if close else ""
-        raise UnknownNameError(f"unknown class name {name!r}.{hint}")
+        """Class index from an index, a class name (``"tabby cat"``, ``"tabby, tabby cat"``) or a
+        WordNet id; see :func:`vit_lens.core.class_index` (ambiguous names are an error listing the
+        candidates; unknown ones suggest close names)."""
+        from vit_lens.core.targets import class_index
+
+        return class_index(self, name)
 
     def tokens_to_residual_directions(
         self, classes: Union[int, str, Int[Tensor, "..."]]
@@ -404,10 +417,8 @@ class HookedViT(HookedRootModule):
         :meth:`project_to_classes` instead.
         """
         W = self.class_directions()
-        if isinstance(classes, str):
-            classes = self.class_index(classes)
-        if isinstance(classes, int):
-            return W[:, classes]
+        if isinstance(classes, str) or isinstance(classes, int):
+            return W[:, self.class_index(classes)]
         classes = torch.as_tensor(classes, device=W.device)
         return W.T[classes]
 
@@ -419,45 +430,22 @@ class HookedViT(HookedRootModule):
         the average of both, the directions :meth:`project_to_classes` uses. Other models have one
         head (``head`` may be None or ``"cls"``).
         """
-        W, _ = self._head_weights(head)
-        norm = self.fc_norm if self.fc_norm is not None else self.ln_final
-        if norm is not None and norm.w is not None:
-            W = norm.w[:, None] * W
-        return W
+        return self.readout.class_directions(head)
 
     @property
     def W_U_dist(self) -> Float[Tensor, "d_model n_classes"]:
         """The distillation head's class embeddings (distilled DeiT only)."""
-        if self.cfg.pooling != "token_dist":
-            raise InputError(f"{self.cfg.model_name} has no distillation head (pooling={self.cfg.pooling!r})")
-        self._require_unembed()
-        return self.unembed_dist.W_U
+        return self._dist_head().W_U
 
     @property
     def b_U_dist(self) -> Float[Tensor, "n_classes"]:
+        return self._dist_head().b_U
+
+    def _dist_head(self) -> Unembed:
         if self.cfg.pooling != "token_dist":
             raise InputError(f"{self.cfg.model_name} has no distillation head (pooling={self.cfg.pooling!r})")
-        self._require_unembed()
-        return self.unembed_dist.b_U
-
-    def _head_weights(self, head: Optional[str] = None) -> tuple:
-        """(W [d_model, n_classes], b [n_classes]) of the classifier ``head`` selects."""
-        unembed = self._require_unembed()
-        if self.cfg.pooling == "token_dist":
-            head = head or "mean"
-            if head == "cls":
-                return unembed.W_U, unembed.b_U
-            if head == "dist":
-                return self.unembed_dist.W_U, self.unembed_dist.b_U
-            if head == "mean":
-                return (unembed.W_U + self.unembed_dist.W_U) / 2, (unembed.b_U + self.unembed_dist.b_U) / 2
-            raise InputError(f"head must be 'mean', 'cls' or 'dist' for a distilled model, got {head!r}")
-        if head not in (None, "cls", "mean"):
-            raise InputError(
-                f"head={head!r} is only meaningful for distilled models (two heads); "
-                f"{self.cfg.model_name} has one classifier: leave head=None"
-            )
-        return unembed.W_U, unembed.b_U
+        self.readout.require_head()
+        return self.readout.unembed_dist
 
     def project_to_classes(
         self,
@@ -494,14 +482,7 @@ class HookedViT(HookedRootModule):
         Returns:
             class scores [..., n_classes]. A headless model needs :meth:`set_class_directions` first.
         """
-        W, b = self._head_weights(head)
-        if not isinstance(x, Tensor) or x.shape[-1] != self.cfg.d_model:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise InputError(f"project_to_classes expects vectors [..., d_model={self.cfg.d_model}], got {shape}")
-        for norm in (self.ln_final, self.fc_norm):
-            if norm is not None:
-                x = torch.nn.functional.layer_norm(x, (norm.length,), norm.w, norm.b, norm.eps)
-        return x @ W + b
+        return self.readout.project(x, "paper", head=head)
 
     def set_class_directions(
         self,
@@ -535,28 +516,10 @@ class HookedViT(HookedRootModule):
         the new directions as well, so the same ``W`` gives the same logits (up to the
         per-example constant of ``center_unembed``) with or without processing.
         """
-        from vit_lens.loading.processing import residual_class_directions
+        from vit_lens.loading.processing import applied_processing
 
-        if not isinstance(W, Tensor):
-            W = torch.as_tensor(W)
-        n = W.shape[-1]
-        if labels is not None and len(labels) != n:
-            raise InputError(f"{len(labels)} labels for {n} class directions")
-        heads = residual_class_directions(self, W, bias, space)
-        ref = next(self.parameters())
-        unembeds = []
-        for W_h, b_h in heads:
-            unembed = Unembed(self.cfg.d_model, n).to(device=ref.device, dtype=ref.dtype)
-            with torch.no_grad():
-                unembed.W_U.copy_(W_h)
-                unembed.b_U.copy_(b_h)
-            unembeds.append(unembed)
-        self.unembed = unembeds[0]
-        if self.cfg.pooling == "token_dist":
-            self.unembed_dist = unembeds[-1]
-        self.cfg.n_classes = n
-        self.class_names = list(labels) if labels is not None else None
-        self.class_synsets = None
+        heads = self.readout.new_heads(W, bias, space, applied_processing(self))
+        self.readout.set_heads(heads, labels)
         self.setup()
 
     # ------------------------------------------------------------------ weights, TransformerLens-style

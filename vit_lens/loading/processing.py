@@ -54,9 +54,8 @@ from vit_lens.core.errors import InputError, InputTypeError
 
 PROCESSING_OPTIONS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
-#: non-persistent buffers a processed / re-headed HookedViT carries (see set_class_directions)
-HEAD_SOURCE = ("head_source_W", "head_source_b", "head_source_W_dist", "head_source_b_dist")
-FINAL_NORM = ("final_norm_w", "final_norm_b")
+#: state-dict prefix of the readout component (final norms and heads)
+R = "readout."
 
 
 class ProcessingError(InputError):
@@ -113,7 +112,7 @@ def check_processing(cfg, has_head: bool, options: Dict[str, bool]) -> None:
 # ---------------------------------------------------------------------------------------------
 # pure state-dict transformations
 # ---------------------------------------------------------------------------------------------
-def _fold_into(W: Tensor, b_next: Tensor, w: Optional[Tensor], b: Optional[Tensor], d_axis: int) -> Tuple[Tensor, Tensor]:
+def fold_into(W: Tensor, b_next: Tensor, w: Optional[Tensor], b: Optional[Tensor], d_axis: int) -> Tuple[Tensor, Tensor]:
     """Fold a LayerNorm's affine map ``x -> w * x + b`` into the linear map that reads it.
 
     ``W`` has the ``d_model`` axis at ``d_axis`` ([d_model, out] or [heads, d_model, d_head]);
@@ -135,7 +134,7 @@ def _center(x: Tensor, dim: int = -1) -> Tensor:
 
 
 def _head_keys(sd: Dict[str, Tensor]) -> List[Tuple[str, str]]:
-    return [(f"{h}.W_U", f"{h}.b_U") for h in ("unembed", "unembed_dist") if f"{h}.W_U" in sd]
+    return [(f"{R}{h}.W_U", f"{R}{h}.b_U") for h in ("unembed", "unembed_dist") if f"{R}{h}.W_U" in sd]
 
 
 def process_state_dict(
@@ -169,16 +168,16 @@ def process_state_dict(
                 p = f"blocks.{l}."
                 w, b = sd.pop(p + "ln1.w"), sd.pop(p + "ln1.b")
                 for n in "QKV":
-                    sd[p + f"attn.W_{n}"], sd[p + f"attn.b_{n}"] = _fold_into(
+                    sd[p + f"attn.W_{n}"], sd[p + f"attn.b_{n}"] = fold_into(
                         sd[p + f"attn.W_{n}"], sd[p + f"attn.b_{n}"], w, b, d_axis=1
                     )
                 w, b = sd.pop(p + "ln2.w"), sd.pop(p + "ln2.b")
-                sd[p + "mlp.W_in"], sd[p + "mlp.b_in"] = _fold_into(sd[p + "mlp.W_in"], sd[p + "mlp.b_in"], w, b, 0)
-            final = "ln_final" if cfg.has_ln_final else ("fc_norm" if cfg.has_fc_norm else None)
+                sd[p + "mlp.W_in"], sd[p + "mlp.b_in"] = fold_into(sd[p + "mlp.W_in"], sd[p + "mlp.b_in"], w, b, 0)
+            final = R + "ln_final" if cfg.has_ln_final else (R + "fc_norm" if cfg.has_fc_norm else None)
             if final is not None:
                 w, b = sd.pop(f"{final}.w"), sd.pop(f"{final}.b")
                 for kW, kb in _head_keys(sd):
-                    sd[kW], sd[kb] = _fold_into(sd[kW], sd[kb], w, b, d_axis=0)
+                    sd[kW], sd[kb] = fold_into(sd[kW], sd[kb], w, b, d_axis=0)
         if center_writing_weights:
             sd["embed.W_E"] = _center(sd["embed.W_E"], dim=0)  # per input pixel, across d_model
             for k in ("embed.b_E", "embed.cls_token", "embed.dist_token", "embed.reg_token", "pos_embed.W_pos"):
@@ -203,31 +202,6 @@ def process_state_dict(
 # ---------------------------------------------------------------------------------------------
 # applying to a model
 # ---------------------------------------------------------------------------------------------
-def _set_buffer(model, name: str, value: Optional[Tensor]) -> None:
-    if value is None:
-        return
-    value = value.detach().clone()
-    if name in model._buffers:
-        model._buffers[name] = value
-    else:
-        model.register_buffer(name, value, persistent=False)
-
-
-def snapshot_head(model) -> None:
-    """Remember the model's original classifier (in the current residual basis) once.
-
-    :meth:`HookedViT.set_class_directions` with ``space="head"`` composes new directions with it
-    (for CLIP: the projection into the image-text space).
-    """
-    if getattr(model, "head_source_W", None) is not None or model.unembed is None:
-        return
-    _set_buffer(model, "head_source_W", model.unembed.W_U)
-    _set_buffer(model, "head_source_b", model.unembed.b_U)
-    if model.cfg.pooling == "token_dist" and model.unembed_dist is not None:
-        _set_buffer(model, "head_source_W_dist", model.unembed_dist.W_U)
-        _set_buffer(model, "head_source_b_dist", model.unembed_dist.b_U)
-
-
 def applied_processing(model) -> List[str]:
     """The weight-processing options applied to ``model`` so far."""
     return list(model.cfg.extra.get("weight_processing", []))
@@ -254,96 +228,28 @@ def process_weights(model, **options: bool):
         return model
     cfg = model.cfg
     check_processing(cfg, model.unembed is not None, opts)
-    snapshot_head(model)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    new = process_state_dict(sd, cfg, **opts)
-
+    readout = model.readout
     with torch.no_grad():
+        readout.snapshot_head()
+        final = readout.ln_final if cfg.has_ln_final else readout.fc_norm
+        if opts["fold_ln"] and final is not None:
+            # the final norm's affine map: folded into the head snapshot (original head, current basis) and
+            # kept for set_class_directions, so that later class directions mean the same as unprocessed
+            readout.remember_final_norm(final.w, final.b)
+        # the readout's head state is part of the state dict (and passes through processing unchanged)
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+        new = process_state_dict(sd, cfg, **opts)
         if opts["fold_ln"]:
-            final = model.ln_final if cfg.has_ln_final else model.fc_norm
-            if final is not None:
-                # the final norm's affine map: folded into the head source (original head, current basis) and
-                # kept for set_class_directions, so that later class directions mean the same as unprocessed
-                _set_buffer(model, "final_norm_w", final.w)
-                _set_buffer(model, "final_norm_b", final.b)
-                for kW, kb in (("head_source_W", "head_source_b"), ("head_source_W_dist", "head_source_b_dist")):
-                    if getattr(model, kW, None) is not None:
-                        W, b = _fold_into(getattr(model, kW), getattr(model, kb), final.w, final.b, 0)
-                        _set_buffer(model, kW, W)
-                        _set_buffer(model, kb, b)
             for blk in model.blocks:
                 blk.ln1 = LayerNorm(cfg.d_model, cfg.eps, affine=False)
                 blk.ln2 = LayerNorm(cfg.d_model, cfg.eps, affine=False)
-            if model.ln_final is not None:
-                model.ln_final = LayerNorm(cfg.d_model, cfg.eps, affine=False)
-            if model.fc_norm is not None:
-                model.fc_norm = LayerNorm(cfg.d_model, cfg.eps, affine=False)
+            if readout.ln_final is not None:
+                readout.ln_final = LayerNorm(cfg.d_model, cfg.eps, affine=False)
+            if readout.fc_norm is not None:
+                readout.fc_norm = LayerNorm(cfg.d_model, cfg.eps, affine=False)
             cfg.normalization_type = "LNPre"
             model.setup()
         model.load_state_dict(new, strict=True)
     done = applied_processing(model) + [k for k, v in opts.items() if v]
     cfg.extra["weight_processing"] = [k for k in PROCESSING_OPTIONS if k in done]
     return model
-
-
-def residual_class_directions(model, W: Tensor, bias: Optional[Tensor], space: str) -> List[Tuple[Tensor, Tensor]]:
-    """New class directions, expressed as the model's classifier(s) in its current basis.
-
-    Args:
-        model: the HookedViT.
-        W: ``space="residual"``: [d_model, n_classes], applied to the model's pooled features as
-            the unprocessed model computes them (after its final norm, i.e. timm's pre-logits);
-            ``space="head"``: [n_head_outputs, n_classes], applied to the outputs of the model's
-            original head (for CLIP: text embeddings in the image-text space).
-        bias: [n_classes] or None.
-        space: ``"residual"`` or ``"head"``.
-
-    Returns:
-        ``[(W_U, b_U)]``, or for a distilled model with ``space="head"``
-        ``[(W_U, b_U), (W_U_dist, b_U_dist)]``; weight processing already applied to the model
-        (``fold_ln``, ``center_unembed``) is applied to them too.
-    """
-    ref = next(model.parameters())
-    W = torch.as_tensor(W).to(device=ref.device, dtype=ref.dtype)
-    if W.ndim != 2:
-        raise InputError(f"W must be a matrix [inputs, n_classes], got shape {tuple(W.shape)}")
-    n = W.shape[1]
-    if bias is not None:
-        bias = torch.as_tensor(bias).to(device=ref.device, dtype=ref.dtype)
-        if tuple(bias.shape) != (n,):
-            raise InputError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
-    zero = torch.zeros(n, device=ref.device, dtype=ref.dtype)
-    snapshot_head(model)
-    with torch.no_grad():
-        if space == "residual":
-            D = model.cfg.d_model
-            if W.shape[0] != D:
-                raise InputError(
-                    f"W must be [d_model={D}, n_classes], got {tuple(W.shape)}; for directions in the space of "
-                    "the model's head outputs (e.g. CLIP text embeddings) pass space='head'."
-                )
-            b = bias if bias is not None else zero
-            if getattr(model, "final_norm_w", None) is not None or getattr(model, "final_norm_b", None) is not None:
-                W, b = _fold_into(W, b, getattr(model, "final_norm_w", None), getattr(model, "final_norm_b", None), 0)
-            heads = [(W, b)]
-        elif space == "head":
-            src = getattr(model, "head_source_W", None)
-            if src is None:
-                raise InputError(
-                    f"{model.cfg.model_name} has no classifier or projection head of its own, so space='head' has "
-                    "no meaning; give directions in the residual space: set_class_directions(W [d_model, n_classes])."
-                )
-            if W.shape[0] != src.shape[1]:
-                raise InputError(
-                    f"space='head': W must be [n_head_outputs={src.shape[1]}, n_classes] (the model's original head "
-                    f"has {src.shape[1]} outputs), got {tuple(W.shape)}"
-                )
-            b = bias if bias is not None else zero
-            heads = [(src @ W, model.head_source_b @ W + b)]
-            if getattr(model, "head_source_W_dist", None) is not None:
-                heads.append((model.head_source_W_dist @ W, model.head_source_b_dist @ W + b))
-        else:
-            raise InputError(f"space must be 'residual' or 'head', got {space!r}")
-        if "center_unembed" in applied_processing(model):
-            heads = [(_center(Wh, -1), _center(bh)) for Wh, bh in heads]
-    return heads

@@ -22,7 +22,10 @@ from typing import Any, Optional, Union
 import torch
 from vit_lens.core.errors import InputError
 
-FORMAT = "vit_lens.hooked_vit/1"
+FORMAT = "vit_lens.hooked_vit/2"
+#: formats this version reads (format 1 named the readout's tensors without the ``readout.`` prefix
+#: and had no head state: such files load, with the head state of a model that was never re-headed)
+READABLE = ("vit_lens.hooked_vit/1", FORMAT)
 
 
 def save_hooked(model: Any, path: Union[str, os.PathLike]) -> Path:
@@ -39,6 +42,7 @@ def save_hooked(model: Any, path: Union[str, os.PathLike]) -> Path:
     tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
+        "model_name": model.cfg.model_name,
         "config": dataclasses.asdict(model.cfg),
         "class_names": model.class_names,
         "class_synsets": getattr(model, "class_synsets", None),
@@ -71,8 +75,8 @@ def load_hooked(
             "loads with HookedViT.from_pretrained(name, checkpoint_path=...)."
         )
     meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{str(path)!r} has format {meta.get('format')!r}; this vit_lens reads {FORMAT!r}")
+    if meta.get("format") not in READABLE:
+        raise InputError(f"{str(path)!r} has format {meta.get('format')!r}; this vit_lens reads {list(READABLE)}")
     fields = {f.name for f in dataclasses.fields(HookedViTConfig)}
     cfg = HookedViTConfig(**{k: v for k, v in meta["config"].items() if k in fields})
     model = cls(cfg)
