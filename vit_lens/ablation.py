@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from vit_lens.patching import _class_tensor, _head_mask, _layers, position_mask
+from vit_lens.core import head_mask, position_mask, resolve_layers, resolve_targets
 from vit_lens.core.errors import InputError, InputTypeError
 
 __all__ = [
@@ -281,8 +281,8 @@ def _heads_for(model: Any, layers: List[int], heads: Heads) -> Dict[int, Optiona
         unknown = set(per) - set(layers)
         if unknown:
             raise InputError(f"heads given for layers {sorted(unknown)} that are not knocked out (layers={layers})")
-        return {l: _head_mask(model, per[l]) if l in per else None for l in layers}
-    return {l: _head_mask(model, heads) for l in layers}
+        return {l: head_mask(model, per[l]) if l in per else None for l in layers}
+    return {l: head_mask(model, heads) for l in layers}
 
 
 def _blocked_per_layer(
@@ -294,7 +294,7 @@ def _blocked_per_layer(
     if blocked.ndim == 2:
         blocked = blocked[None]
     blocked = blocked[:, None]  # [B|1, 1, P, P]
-    layer_list = _layers(model, layers)
+    layer_list = resolve_layers(layers, model, allow_empty=True)
     out = {}
     for l, h in _heads_for(model, layer_list, heads).items():
         b = blocked if h is None else blocked & h[None, :, None, None]
@@ -619,8 +619,7 @@ def context_comparison(
     L = cfg.n_layers
     layer_list = list(range(L)) if layers is None else [int(l) % L for l in layers]
     names = [f"blocks.{l}.hook_resid_post" for l in layer_list]
-    c = _class_tensor(classes, cfg.n_classes, images.device)
-    c = torch.full((B,), c, dtype=torch.long) if isinstance(c, int) else c.cpu()
+    c = resolve_targets(model, classes, B, images=images).cpu()
     m = torch.as_tensor(class_masks)
     if m.dtype != torch.bool:
         raise InputTypeError("class_masks must be boolean (True on the class-labelled patches)")

@@ -38,22 +38,43 @@ every token), the target's 0-based rank is :func:`vit_lens.class_space.class_ran
 
 from __future__ import annotations
 
-import math
-import re
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from vit_lens.config import resolve_layers
+from vit_lens.core import (
+    Layers,
+    Positions,
+    grid_of,
+    head_mask,
+    hook_layer,
+    hook_name,
+    position_labels,
+    position_mask,
+    progress_bar,
+    resolve_layers,
+    resolve_targets,
+)
+from vit_lens.core.targets import ClassList
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vit_lens.model import HookedViT
 from vit_lens.core.errors import InputError, OutOfRangeError, UnknownNameError
 
 __all__ = [
+    "ClassMetric",
+    "PatchRuns",
     "PatchingResult",
+    "SweepOptions",
+    "bind_metric",
+    "run_sweep",
+    "sweep_options",
     "identifiability_metric",
     "logit_diff_metric",
     "logit_metric",
@@ -72,169 +93,97 @@ __all__ = [
 #: ``chunk_size`` says otherwise (about 8 runs of one 224x224 image at patch size 16).
 CPU_CHUNK_TOKENS = 1600
 
-Classes = Union[int, Sequence[int], Tensor]
-Positions = Union[None, str, int, Sequence[int], Tensor]
+Classes = Union[int, str, Sequence[Union[int, str]], Tensor]
 Metric = Callable[..., Tensor]
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _HEAD_POS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result")
 _HEAD_QK = ("attn.hook_attn_scores", "attn.hook_pattern")
 
 
 # =============================================================================================
-# positions
-# =============================================================================================
-def position_labels(model: Any, grid_size: Optional[Tuple[int, int]] = None) -> List[str]:
-    """One label per sequence position: the prefix token names, then ``"row,col"`` per patch.
-
-    Args:
-        model: a :class:`~vit_lens.HookedViT` (or its config).
-        grid_size: (rows, cols) if not the model's native grid.
-    """
-    cfg = getattr(model, "cfg", model)
-    rows, cols = grid_size or cfg.grid_size
-    return list(cfg.prefix_token_names) + [f"{r},{c}" for r in range(rows) for c in range(cols)]
-
-
-def position_mask(
-    model: Any,
-    positions: Positions = None,
-    *,
-    grid_size: Optional[Tuple[int, int]] = None,
-) -> Bool[Tensor, "pos"]:
-    """Turn any way of naming positions into a boolean mask over the sequence.
-
-    Args:
-        model: a :class:`~vit_lens.HookedViT` (or its config).
-        positions: ``None`` or ``"all"`` (every position), ``"patches"`` (image tokens),
-            ``"prefix"`` (the prefix tokens), ``"cls"``; an index or a sequence of indices
-            (negative ones count from the end); a boolean tensor over the sequence ``[pos]``; or
-            a boolean tensor over the patch grid ``[rows, cols]`` (patch tokens only).
-        grid_size: (rows, cols) if not the model's native grid.
-
-    Returns:
-        bool tensor ``[n_prefix_tokens + rows * cols]``, True at the chosen positions.
-    """
-    cfg = getattr(model, "cfg", model)
-    rows, cols = grid_size or cfg.grid_size
-    n_pre = cfg.n_prefix_tokens
-    n = n_pre + rows * cols
-    mask = torch.zeros(n, dtype=torch.bool)
-    if positions is None:
-        return ~mask
-    if isinstance(positions, str):
-        key = positions.lower()
-        if key == "all":
-            return ~mask
-        if key in ("patches", "image"):
-            mask[n_pre:] = True
-            return mask
-        if key == "prefix":
-            mask[:n_pre] = True
-            return mask
-        if key == "cls":
-            if not cfg.has_class_token:
-                raise InputError(f"{cfg.model_name} has no [CLS] token; choose positions by index")
-            mask[0] = True
-            return mask
-        raise InputError(f"unknown positions {positions!r}; use 'all', 'patches', 'prefix', 'cls', indices or a mask")
-    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
-        p = positions.detach().cpu()
-        if p.ndim == 1 and p.shape[0] == n:
-            return p.clone()
-        if p.ndim == 2 and tuple(p.shape) == (rows, cols):
-            mask[n_pre:] = p.reshape(-1)
-            return mask
-        if p.ndim == 1 and p.shape[0] == rows * cols:
-            mask[n_pre:] = p
-            return mask
-        raise InputError(
-            f"a boolean position mask must be [{n}] (every position), [{rows * cols}] (patches) or "
-            f"[{rows}, {cols}] (the patch grid); got {tuple(p.shape)}"
-        )
-    idx = torch.as_tensor(positions, dtype=torch.long).reshape(-1).cpu()
-    if idx.numel() and (idx.min() < -n or idx.max() >= n):
-        raise OutOfRangeError(
-            f"positions {idx.tolist()} out of range for {n} positions "
-            f"({n_pre} prefix + {rows}x{cols} patches); see vit_lens.rowcol_to_patch_index"
-        )
-    mask[idx % n] = True
-    return mask
-
-
-def _grid_of(model: Any, n_pos: int) -> Tuple[int, int]:
-    """The patch grid for a sequence of ``n_pos`` positions (native grid, or a square one)."""
-    cfg = model.cfg
-    if n_pos == cfg.n_ctx:
-        return tuple(cfg.grid_size)
-    n_patch = n_pos - cfg.n_prefix_tokens
-    side = int(round(math.sqrt(max(n_patch, 0))))
-    if side * side == n_patch:
-        return (side, side)
-    raise InputError(
-        f"cannot infer the patch grid for {n_pos} positions; pass images of the model's native "
-        f"size {cfg.image_size} (or square images)"
-    )
-
-
-# =============================================================================================
 # metrics and class identifiability
 # =============================================================================================
-def _class_tensor(classes: Classes, n_classes: int, device: Any) -> Union[int, Tensor]:
-    if isinstance(classes, int):
-        if not -n_classes <= classes < n_classes:
-            raise OutOfRangeError(f"class {classes} out of range for {n_classes} classes")
-        return classes % n_classes
-    c = torch.as_tensor(classes, dtype=torch.long, device=device)
-    if c.ndim == 0:
-        return _class_tensor(int(c), n_classes, device)
-    if c.ndim != 1:
-        raise InputError(f"classes must be an int or one class per image [batch], got shape {tuple(c.shape)}")
-    if c.numel() and (c.min() < 0 or c.max() >= n_classes):
-        raise OutOfRangeError(f"classes {c.tolist()} out of range for {n_classes} classes")
-    return c
+class ClassMetric:
+    """A metric of the logits of target classes: ``logit``, ``logit_diff`` or ``prob``.
+
+    ``classes`` (and ``other``) are anything :func:`vit_lens.core.resolve_targets` accepts but
+    ``"pred"``: an index, a class name, a synset id, or one per image. Indices work on any logits;
+    names are looked up in the model the metric is bound to: every sweep and
+    :func:`run_patched` bind it to their model (``metric.bind(model)`` does it by hand).
+    Calling an unbound metric that names classes is an error saying so.
+    """
+
+    def __init__(self, kind: Literal["logit", "logit_diff", "prob"], classes: Classes, other: Optional[Classes] = None,
+                 model: Any = None):
+        if kind not in ("logit", "logit_diff", "prob"):
+            raise InputError(f"kind must be 'logit', 'logit_diff' or 'prob', got {kind!r}")
+        for c in (classes, other):
+            if isinstance(c, str) and c.strip().lower() == "pred":
+                raise InputError(
+                    "a patching metric needs fixed classes; 'pred' would change from run to run. Resolve it once: "
+                    "classes = model(clean).argmax(-1)"
+                )
+        self.kind, self.classes, self.other = kind, classes, other
+        self.model = model
+        self.__name__ = kind
+        self._memo: Dict[Tuple[int, int, str], Tuple[Tensor, Optional[Tensor]]] = {}
+
+    def bind(self, model: Any) -> "ClassMetric":
+        """This metric with its class names resolved against ``model``."""
+        return ClassMetric(self.kind, self.classes, self.other, model=model)
+
+    def _targets(self, classes: Classes, batch: int, n_classes: int, device: Any) -> Tensor:
+        where = self.model if self.model is not None else ClassList(n_classes, name="these logits")
+        try:
+            return resolve_targets(where, classes, batch, device=device)
+        except UnknownNameError as e:
+            if self.model is None:
+                raise UnknownNameError(
+                    f"{e} -- this {self.kind} metric is not bound to a model, so class names cannot be looked up: "
+                    f"build it with {self.kind}_metric(..., model=model), call metric.bind(model), or pass indices"
+                ) from None
+            raise
+
+    def __call__(self, logits: Float[Tensor, "... batch n_classes"]) -> Float[Tensor, "... batch"]:
+        if logits.ndim < 2:
+            raise InputError(f"a metric reads logits [..., batch, n_classes], got shape {tuple(logits.shape)}")
+        B, C = logits.shape[-2], logits.shape[-1]
+        key = (B, C, str(logits.device))
+        if key not in self._memo:
+            t = self._targets(self.classes, B, C, logits.device)
+            o = None if self.other is None else self._targets(self.other, B, C, logits.device)
+            self._memo[key] = (t, o)
+        t, o = self._memo[key]
+        x = logits.float().softmax(-1) if self.kind == "prob" else logits
+        out = x.gather(-1, t.expand(x.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+        if o is not None:
+            out = out - x.gather(-1, o.expand(x.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+        return out
+
+    def __repr__(self) -> str:
+        other = f", other={self.other!r}" if self.other is not None else ""
+        return f"{self.kind}_metric({self.classes!r}{other})"
 
 
-def _gather_class(x: Float[Tensor, "... batch n_classes"], classes: Classes) -> Float[Tensor, "... batch"]:
-    c = _class_tensor(classes, x.shape[-1], x.device)
-    if isinstance(c, int):
-        return x[..., c]
-    if x.shape[-2] != c.shape[0]:
-        raise InputError(
-            f"{c.shape[0]} target classes for a batch of {x.shape[-2]} images: give one class per image "
-            "(or a single int for all)"
-        )
-    return x.gather(-1, c.expand(x.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+def logit_metric(classes: Classes, *, model: Any = None) -> ClassMetric:
+    """Metric: the logit of ``classes`` (an index, a class name, or one per image ``[batch]``)."""
+    return ClassMetric("logit", classes, model=model)
 
 
-def logit_metric(classes: Classes) -> Metric:
-    """Metric: the logit of ``classes`` (an int, or one class per image ``[batch]``)."""
-
-    def metric(logits: Float[Tensor, "... batch n_classes"]) -> Float[Tensor, "... batch"]:
-        return _gather_class(logits, classes)
-
-    metric.__name__ = "logit"
-    return metric
+def logit_diff_metric(classes: Classes, other: Classes, *, model: Any = None) -> ClassMetric:
+    """Metric: ``logit[classes] - logit[other]`` (each a class, or one per image)."""
+    return ClassMetric("logit_diff", classes, other, model=model)
 
 
-def logit_diff_metric(classes: Classes, other: Classes) -> Metric:
-    """Metric: ``logit[classes] - logit[other]`` (ints, or one class per image each)."""
-
-    def metric(logits: Float[Tensor, "... batch n_classes"]) -> Float[Tensor, "... batch"]:
-        return _gather_class(logits, classes) - _gather_class(logits, other)
-
-    metric.__name__ = "logit_diff"
-    return metric
+def prob_metric(classes: Classes, *, model: Any = None) -> ClassMetric:
+    """Metric: the softmax probability of ``classes`` (a class, or one per image)."""
+    return ClassMetric("prob", classes, model=model)
 
 
-def prob_metric(classes: Classes) -> Metric:
-    """Metric: the softmax probability of ``classes`` (an int, or one class per image)."""
-
-    def metric(logits: Float[Tensor, "... batch n_classes"]) -> Float[Tensor, "... batch"]:
-        return _gather_class(logits.float().softmax(-1), classes)
-
-    metric.__name__ = "prob"
-    return metric
+def bind_metric(metric: Metric, model: Any) -> Metric:
+    """``metric`` bound to ``model`` (class names resolved there) when it can be bound."""
+    bind = getattr(metric, "bind", None)
+    return bind(model) if callable(bind) else metric
 
 
 class identifiability_metric:
@@ -264,8 +213,7 @@ class identifiability_metric:
         kind: Literal["rate", "score"] = "rate",
     ):
         L = model.cfg.n_layers
-        if not -L <= layer < L:
-            raise OutOfRangeError(f"layer {layer} out of range for {L} layers")
+        layer = resolve_layers(layer, model)[0]
         if kind not in ("rate", "score"):
             raise InputError(f"kind must be 'rate' or 'score', got {kind!r}")
         self.model = model
@@ -279,16 +227,10 @@ class identifiability_metric:
     def __call__(self, logits: Tensor, activation: Float[Tensor, "... batch pos d_model"]) -> Float[Tensor, "... batch"]:
         from vit_lens.class_space import class_rank
 
-        pos = position_mask(self.model, self.positions, grid_size=_grid_of(self.model, activation.shape[-2]))
+        pos = position_mask(self.model, self.positions, grid_size=grid_of(self.model, activation.shape[-2]))
         pos = pos.to(activation.device)
-        proj = self.model.project_to_classes(activation[..., pos, :])  # [..., batch, k, C]
-        c = _class_tensor(self.classes, proj.shape[-1], proj.device)
-        if isinstance(c, int):
-            c = torch.tensor(c, device=proj.device)
-        else:
-            if proj.shape[-3] != c.shape[0]:
-                raise InputError(f"{c.shape[0]} target classes for a batch of {proj.shape[-3]} images")
-            c = c[:, None]  # broadcast over the tokens
+        proj = self.model.readout.project(activation[..., pos, :])  # [..., batch, k, C]
+        c = resolve_targets(self.model, self.classes, proj.shape[-3], device=proj.device)[:, None]  # over the tokens
         rank = class_rank(proj, c)
         if self.kind == "rate":
             score = (rank == 0).to(torch.float32)
@@ -327,30 +269,6 @@ def _layout(name: str) -> str:
     if name == "hook_pooled" or name.startswith("fc_norm."):
         return "none"  # [B, D]
     return "pos"  # [B, P, ...]
-
-
-def _hook_layer(model: Any, name: str) -> Optional[int]:
-    """Block index a hook lives in; None before the blocks; n_layers after them."""
-    m = _BLOCK_RE.match(name)
-    if m:
-        return int(m.group(1))
-    if name.startswith(("ln_final.", "fc_norm.")) or name == "hook_pooled":
-        return model.cfg.n_layers
-    return None
-
-
-def _full_hook_name(model: Any, hook: str, layer: Optional[int] = None) -> str:
-    """``"resid_pre"`` / ``"hook_resid_pre"`` / ``"attn.hook_z"`` + layer -> a full hook name."""
-    if layer is None:
-        name = hook
-    else:
-        short = hook
-        if "." not in short and not short.startswith("hook_"):
-            short = "hook_" + short
-        name = f"blocks.{layer}.{short}"
-    if name not in model.hook_dict:
-        model._check_hook_name(name)  # raises a helpful ValueError
-    return name
 
 
 def _patch_mask(
@@ -394,22 +312,6 @@ def _patch_mask(
     return m
 
 
-def _head_mask(model: Any, heads: Union[None, int, Sequence[int], Tensor]) -> Optional[Tensor]:
-    if heads is None:
-        return None
-    H = model.cfg.n_heads
-    if isinstance(heads, Tensor) and heads.dtype == torch.bool:
-        if heads.shape != (H,):
-            raise InputError(f"a boolean head mask must have shape [{H}], got {tuple(heads.shape)}")
-        return heads.cpu()
-    idx = torch.as_tensor(heads, dtype=torch.long).reshape(-1)
-    if idx.numel() and (idx.min() < -H or idx.max() >= H):
-        raise OutOfRangeError(f"heads {idx.tolist()} out of range for {H} heads")
-    m = torch.zeros(H, dtype=torch.bool)
-    m[idx % H] = True
-    return m
-
-
 def patching_hooks(
     model: Any,
     hook_names: Union[str, Sequence[str]],
@@ -449,10 +351,10 @@ def patching_hooks(
             f"value={value!r} needs a source run: pass source=cache from "
             "model.run_with_cache(other_images) (or use value='zero')"
         )
-    head_mask = _head_mask(model, heads)
+    heads_sel = head_mask(model, heads)
     hooks = []
     for name in names:
-        _full_hook_name(model, name)
+        hook_name(model, name)
         layout = _layout(name)
         src = None
         if value != "zero":
@@ -480,8 +382,8 @@ def patching_hooks(
             pos = None
             if pos_given and _layout != "none":
                 n_pos = act.shape[1] if _layout in ("pos", "pos_head") else act.shape[2]
-                pos = position_mask(model, positions, grid_size=_grid_of(model, n_pos)).to(act.device)
-            mask = _patch_mask(_layout, pos, None if head_mask is None else head_mask.to(act.device), act.ndim)
+                pos = position_mask(model, positions, grid_size=grid_of(model, n_pos)).to(act.device)
+            mask = _patch_mask(_layout, pos, None if heads_sel is None else heads_sel.to(act.device), act.ndim)
             if mask is None:
                 return new.expand_as(act).clone()
             return torch.where(mask, new, act)
@@ -491,7 +393,7 @@ def patching_hooks(
 
 
 def run_patched(
-    model: Any,
+    model: "HookedViT",
     images: Float[Tensor, "batch chans height width"],
     hook_names: Union[str, Sequence[str]],
     source: Any = None,
@@ -524,7 +426,7 @@ def run_patched(
     act: Dict[str, Tensor] = {}
     mname = getattr(metric, "hook_name", None) if metric is not None else None
     if mname is not None:
-        _full_hook_name(model, mname)
+        hook_name(model, mname)
 
         def grab(x: Tensor, hook: Any = None) -> None:
             act["x"] = x
@@ -533,7 +435,7 @@ def run_patched(
     logits = model.run_with_hooks(images, fwd_hooks=hooks)
     if metric is None:
         return logits
-    return _call_metric(metric, logits, act.get("x"))
+    return _call_metric(bind_metric(metric, model), logits, act.get("x"))
 
 
 # =============================================================================================
@@ -674,22 +576,72 @@ class PatchingResult:
 # the batched sweep engine
 # =============================================================================================
 @dataclass
-class _Group:
-    """Runs that patch the same hook: one boolean position / head mask per run."""
+class PatchRuns:
+    """Patched runs that replace one hook's activation, one boolean selection per run.
 
-    name: str
-    pos: Optional[Tensor]  # [R, P] or None (all positions)
-    heads: Optional[Tensor]  # [R, H] or None (all heads)
-    n_runs: int
+    Attributes:
+        hook: the full hook name (``"blocks.3.hook_resid_pre"``).
+        positions: ``[n_runs, pos]`` bool, the positions each run patches (for attention patterns
+            and scores: query positions); ``None``: every position in every run.
+        heads: ``[n_runs, n_heads]`` bool, the heads each run patches (per-head hooks only);
+            ``None``: every head.
+        n_runs: the number of runs (rows of ``positions`` / ``heads``).
+    """
+
+    hook: str
+    positions: Optional[Tensor] = None
+    heads: Optional[Tensor] = None
+    n_runs: int = 1
+
+    def __post_init__(self) -> None:
+        for what, m in (("positions", self.positions), ("heads", self.heads)):
+            if m is not None and (m.dtype != torch.bool or m.ndim != 2 or m.shape[0] != self.n_runs):
+                raise InputError(f"PatchRuns.{what} must be a bool [n_runs={self.n_runs}, ...] tensor, got "
+                                 f"{m.dtype} {tuple(m.shape)}")
+
+
+@dataclass
+class SweepOptions:
+    """How a sweep runs (not what it computes).
+
+    Attributes:
+        memory_mb: memory budget of one chunk of patched runs (the chunk size follows from it; on a
+            CPU chunks also hold at most :data:`CPU_CHUNK_TOKENS` tokens).
+        chunk_size: patched runs per forward pass (overrides ``memory_mb`` and the CPU cap).
+        progress: show a progress bar.
+        skip_unchanged: do not run patches that write the value already there (their result is the
+            corrupted baseline).
+    """
+
+    memory_mb: float = 512
+    chunk_size: Optional[int] = None
+    progress: bool = True
+    skip_unchanged: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.memory_mb > 0:
+            raise InputError(f"memory_mb must be > 0, got {self.memory_mb}")
+        if self.chunk_size is not None and int(self.chunk_size) < 1:
+            raise InputError(f"chunk_size must be >= 1 (or None), got {self.chunk_size}")
+
+
+def sweep_options(options: Optional[SweepOptions] = None, **keywords: Any) -> SweepOptions:
+    """Options from an :class:`SweepOptions` and/or the plain keywords (``memory_mb=``,
+    ``chunk_size=``, ``progress=``, ``skip_unchanged=``); keywords given (not None) win."""
+    base = options or SweepOptions()
+    unknown = set(keywords) - {"memory_mb", "chunk_size", "progress", "skip_unchanged"}
+    if unknown:
+        raise InputTypeError(f"unknown sweep option(s) {sorted(unknown)}; see SweepOptions")
+    given = {k: v for k, v in keywords.items() if v is not None}
+    return dataclasses.replace(base, **given) if given else base
 
 
 def _forward_from(model: Any, start: Optional[int], x: Tensor, prune_last: bool = False) -> Tensor:
     """Run the model from block ``start`` on the residual stream ``x`` (or, if ``start`` is None,
     from the images ``x``), firing every hook from there on. Returns the logits.
 
-    With ``prune_last`` (see :func:`_can_prune_last`) the last block computes only the pooled
-    prefix tokens -- keys and values of every token, queries, attention, MLP and final norm of
-    the pooled ones -- which is all the classifier reads.
+    With ``prune_last`` (see :func:`_can_prune_last`) the last block updates only the pooled
+    prefix tokens (``TransformerBlock(..., n_queries=...)``), which is all the classifier reads.
     """
     if start is None:
         return model(x)
@@ -697,66 +649,22 @@ def _forward_from(model: Any, start: Optional[int], x: Tensor, prune_last: bool 
     if not (prune_last and start < L and _can_prune_last(model)):
         return model(x, start_at_layer=start)
     x = model(x, start_at_layer=start, stop_at_layer=L - 1)
-    x = _pooled_tokens_of_last_block(model, model.blocks[L - 1], x)
+    x = model.blocks[L - 1](x, n_queries=model.readout.n_pooled_prefix)
     return model(x, start_at_layer=L)
 
 
-def _n_pooled(model: Any) -> int:
-    return {"token": 1, "token_dist": 2}.get(model.cfg.pooling, 0)
-
-
 def _can_prune_last(model: Any) -> bool:
-    """Whether the last block may compute only the pooled tokens: token pooling, pre-norm, and no
+    """Whether the last block may update only the pooled tokens: token pooling, pre-norm, and no
     hook anywhere in the last block (but ``hook_resid_pre``) or on the final norm."""
-    from vit_lens.components import Attention, LayerNorm, TransformerBlock
-
     cfg = model.cfg
-    if _n_pooled(model) == 0 or cfg.post_norm or cfg.use_attn_result:
+    if model.readout.n_pooled_prefix == 0 or cfg.post_norm or cfg.use_attn_result:
         return False
     block = model.blocks[-1]
-    if type(block) is not TransformerBlock or type(block.attn) is not Attention:
-        return False
-    if model.ln_final is not None and type(model.ln_final) is not LayerNorm:
-        return False
     for name, hp in block.named_modules():
         if name != "hook_resid_pre" and hasattr(hp, "has_hooks") and hp.has_hooks():
             return False
-    if model.ln_final is not None and (model.ln_final.hook_scale.has_hooks() or model.ln_final.hook_normalized.has_hooks()):
-        return False
-    return True
-
-
-def _pooled_tokens_of_last_block(model: Any, block: Any, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
-    """The last block's output at the pooled prefix positions only ``[batch, n_pooled, d_model]``.
-
-    The same arithmetic as :class:`~vit_lens.components.TransformerBlock` (pre-norm) restricted to
-    the query rows the classifier reads; every token still provides keys and values.
-    """
-    n = _n_pooled(model)
-    attn = block.attn
-    H, E = attn.cfg.n_heads, attn.cfg.d_head
-    N, P, D = x.shape
-    x = block.hook_resid_pre(x)
-    h = block.ln1(x)
-    Wk = attn.W_K.permute(0, 2, 1).reshape(H * E, D)
-    Wv = attn.W_V.permute(0, 2, 1).reshape(H * E, D)
-    Wq = attn.W_Q.permute(0, 2, 1).reshape(H * E, D)
-    kv = F.linear(h, torch.cat([Wk, Wv]), torch.cat([attn.b_K.reshape(-1), attn.b_V.reshape(-1)]))
-    kv = kv.view(N, P, 2, H, E)
-    q = F.linear(h[:, :n], Wq, attn.b_Q.reshape(-1)).view(N, n, H, E)
-    mask = attn.attn_mask
-    if mask is not None:
-        if mask.shape[-2] != 1:
-            mask = mask[..., :n, :]
-        mask = mask.expand(N, H, n, P)
-    z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), attn_mask=mask
-    ).transpose(1, 2)
-    if mask is not None:
-        z = torch.nan_to_num(z)
-    attn_out = F.linear(z.reshape(N, n, H * E), attn.W_O.reshape(H * E, -1).T, attn.b_O)
-    resid_mid = x[:, :n] + attn_out
-    return resid_mid + block.mlp(block.ln2(resid_mid))
+    ln = model.readout.ln_final
+    return not (ln is not None and (ln.hook_scale.has_hooks() or ln.hook_normalized.has_hooks()))
 
 
 def _bytes_per_run(model: Any, n_pos: int, batch: int, materialised: bool) -> int:
@@ -765,36 +673,63 @@ def _bytes_per_run(model: Any, n_pos: int, batch: int, materialised: bool) -> in
     return 4 * batch * n_pos * per_token + 4 * batch * max(cfg.n_classes, 1) * 4
 
 
-def _run_groups(
-    model: Any,
-    clean: Tensor,
-    corrupted: Tensor,
+def run_sweep(
+    model: "HookedViT",
+    clean: Float[Tensor, "batch chans height width"],
+    corrupted: Float[Tensor, "batch chans height width"],
     metric: Metric,
-    groups: List[_Group],
+    runs: Sequence[PatchRuns],
     *,
-    memory_mb: float,
-    chunk_size: Optional[int],
-    progress: bool,
-    skip_unchanged: bool,
-    desc: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Run every patched run of ``groups`` (clean activations into the corrupted run).
+    options: Optional[SweepOptions] = None,
+    desc: str = "patching",
+    **keywords: Any,
+) -> Tuple[Float[Tensor, "n_runs batch"], Float[Tensor, "batch"], Float[Tensor, "batch"]]:
+    """The generic sweep engine: make every patched run of ``runs`` (clean activations into the
+    corrupted run) and measure ``metric``.
 
-    Returns ``(values [n_runs_total, batch], clean_metric [batch], corrupted_metric [batch])``.
+    Many runs share one forward pass (the corrupted input repeated along the batch axis, one
+    hook writing a different patch into every row); each run starts at the patched layer from
+    the corrupted run's cached residual stream; runs that would not change anything are not run
+    (``skip_unchanged``); chunks fit ``memory_mb``. The position / head / component / block sweeps
+    below are thin wrappers that build their ``runs`` and label the axes.
+
+    Args:
+        model: the :class:`~vit_lens.HookedViT`.
+        clean, corrupted: two preprocessed batches of the same shape (pairs of images).
+        metric: logits ``[..., batch, n_classes]`` -> ``[..., batch]`` (bound to ``model``, so
+            class names resolve there).
+        runs: the runs to make, :class:`PatchRuns` per hook.
+        options: a :class:`SweepOptions`; or the plain keywords ``memory_mb=``, ``chunk_size=``,
+            ``progress=``, ``skip_unchanged=``.
+        desc: the progress bar's label.
+
+    Returns:
+        ``(values [total runs, batch], clean metric [batch], corrupted metric [batch])``, runs in
+        the order of ``runs`` (rows of each in turn).
     """
-    from tqdm.auto import tqdm
-
+    opts = sweep_options(options, **keywords)
+    memory_mb, chunk_size, progress, skip_unchanged = opts.memory_mb, opts.chunk_size, opts.progress, opts.skip_unchanged
+    groups = list(runs)
+    if not groups or not all(isinstance(g, PatchRuns) for g in groups):
+        raise InputError("runs must be a non-empty list of PatchRuns (hook, positions, heads, n_runs)")
+    for images, what in ((clean, "clean"), (corrupted, "corrupted")):
+        if not isinstance(images, Tensor):
+            raise InputTypeError(f"{what} must be a preprocessed batch (model.preprocess(...)), got {type(images).__name__}")
+        model._check_images(images)
     if clean.shape != corrupted.shape:
         raise InputError(
             f"clean and corrupted batches must have the same shape (pairs of images), got "
             f"{tuple(clean.shape)} and {tuple(corrupted.shape)}"
         )
+    for g in groups:
+        hook_name(model, g.hook)
+    metric = bind_metric(metric, model)
     L = model.cfg.n_layers
     mname = getattr(metric, "hook_name", None)
     if mname is not None:
-        _full_hook_name(model, mname)
-    patch_names = sorted({g.name for g in groups})
-    starts = {g.name: _hook_layer(model, g.name) for g in groups}
+        hook_name(model, mname)
+    patch_names = sorted({g.hook for g in groups})
+    starts = {g.hook: hook_layer(model, g.hook) for g in groups}
     start_names = set()
     for s in starts.values():
         if s is not None:
@@ -810,13 +745,13 @@ def _run_groups(
 
         B = corrupted.shape[0]
         total = sum(g.n_runs for g in groups)
-        bar = tqdm(total=total, disable=not progress, desc=desc, unit="run")
+        bar = progress_bar(total=total, progress=progress, desc=desc, unit="run", leave=True)
         results = []
         for g in groups:
-            start = starts[g.name]
-            src = clean_cache[g.name]
-            tgt = corr_cache[g.name]
-            layout = _layout(g.name)
+            start = starts[g.hook]
+            src = clean_cache[g.hook]
+            tgt = corr_cache[g.hook]
+            layout = _layout(g.hook)
             # which runs would change anything at all
             vals = torch.full((g.n_runs, B), float("nan"), dtype=corr_m.dtype, device=corr_m.device)
             if skip_unchanged:
@@ -843,7 +778,7 @@ def _run_groups(
             for s in range(0, idx_todo.numel(), R):
                 ridx = idx_todo[s : s + R]
                 r = ridx.numel()
-                pos = None if g.pos is None else g.pos[ridx].to(src.device)
+                pos = None if g.positions is None else g.positions[ridx].to(src.device)
                 heads = None if g.heads is None else g.heads[ridx].to(src.device)
                 mask = _patch_mask(layout, pos, heads, src.ndim)  # [r, 1, ...]
                 captured: Dict[str, Tensor] = {}
@@ -856,8 +791,8 @@ def _run_groups(
                         out = torch.where(_mask, src.unsqueeze(0), a)
                     return out.reshape(act.shape)
 
-                hooks = [(g.name, patch_hook)]
-                m_layer = None if mname is None else _hook_layer(model, mname)
+                hooks = [(g.hook, patch_hook)]
+                m_layer = None if mname is None else hook_layer(model, mname)
                 if mname is not None and (start is None or (m_layer is not None and m_layer >= start)):
 
                     def grab(act: Tensor, hook: Any = None) -> None:
@@ -881,7 +816,7 @@ def _run_groups(
     return torch.cat(results, 0).cpu(), clean_m.cpu(), corr_m.cpu()
 
 
-def _runs_that_change(layout: str, diff: Tensor, g: _Group) -> Tensor:
+def _runs_that_change(layout: str, diff: Tensor, g: PatchRuns) -> Tensor:
     """Runs of ``g`` whose patched region holds an activation that differs between the runs."""
     B = diff.shape[0]
     if layout == "none":
@@ -897,22 +832,18 @@ def _runs_that_change(layout: str, diff: Tensor, g: _Group) -> Tensor:
         ph = diff.any(-1).any(0).transpose(0, 1)
         d = None
     if ph is None:
-        pos = g.pos if g.pos is not None else torch.ones(g.n_runs, d.shape[0], dtype=torch.bool)
+        pos = g.positions if g.positions is not None else torch.ones(g.n_runs, d.shape[0], dtype=torch.bool)
         return (pos.to(d.device) & d[None]).any(-1).cpu()
     P, H = ph.shape
-    pos = g.pos if g.pos is not None else torch.ones(g.n_runs, P, dtype=torch.bool)
+    pos = g.positions if g.positions is not None else torch.ones(g.n_runs, P, dtype=torch.bool)
     heads = g.heads if g.heads is not None else torch.ones(g.n_runs, H, dtype=torch.bool)
     sel = pos.to(ph.device)[:, :, None] & heads.to(ph.device)[:, None, :]  # [R, P, H]
     return (sel & ph[None]).flatten(1).any(-1).cpu()
 
 
-def _layers(model: Any, layers: Union[None, int, Iterable[int]]) -> List[int]:
-    return resolve_layers(layers, model.cfg.n_layers)
-
-
 def _one_position_per_run(model: Any, positions: Positions, clean: Tensor) -> Tuple[Tensor, Tensor]:
     """The swept positions ``[K]`` and one boolean mask per run selecting one of them ``[K, n_pos]``."""
-    mask = position_mask(model, positions, grid_size=model._check_images(clean))
+    mask = position_mask(model, positions, grid_size=grid_of(model, clean))
     pos_idx = torch.nonzero(mask).reshape(-1)
     K = pos_idx.numel()
     pos_masks = torch.zeros(K, mask.numel(), dtype=torch.bool)
@@ -924,7 +855,7 @@ def _base_result(model: Any, clean: Tensor) -> Dict[str, Any]:
     cfg = model.cfg
     return dict(
         n_prefix_tokens=cfg.n_prefix_tokens,
-        grid_size=tuple(model._check_images(clean)),
+        grid_size=tuple(grid_of(model, clean)),
         prefix_token_names=list(cfg.prefix_token_names),
     )
 
@@ -938,10 +869,8 @@ def patch_positions_sweep(
     hook: str = "resid_pre",
     layers: Union[None, int, Iterable[int]] = None,
     positions: Positions = None,
-    memory_mb: float = 512,
-    chunk_size: Optional[int] = None,
-    progress: bool = True,
-    skip_unchanged: bool = True,
+    options: Optional[SweepOptions] = None,
+    **sweep: Any,
 ) -> PatchingResult:
     """Layer x position sweep: patch one position of one block's activation per run.
 
@@ -958,35 +887,31 @@ def patch_positions_sweep(
         layers: blocks to sweep (default all).
         positions: positions to sweep (default all, prefix tokens included); anything
             :func:`position_mask` accepts.
-        memory_mb: memory budget for one chunk of patched runs (the chunk size follows from it;
-            on a CPU, chunks are also capped at :data:`CPU_CHUNK_TOKENS` tokens).
-        chunk_size: patched runs per forward pass (overrides ``memory_mb`` and the CPU cap).
-        progress: show a tqdm bar.
-        skip_unchanged: do not run patches that write the value already there (the result is
-            the corrupted baseline then, e.g. the [CLS] token of block 0 when both runs share it).
+        options: a :class:`SweepOptions` (memory budget, chunk size, progress bar, skipping
+            unchanged runs); the plain keywords ``memory_mb=``, ``chunk_size=``, ``progress=``,
+            ``skip_unchanged=`` are accepted too (see :class:`SweepOptions`: e.g. ``skip_unchanged``
+            does not run patches that write the value already there, such as the [CLS] token of
+            block 0 when both runs share it; their result is the corrupted baseline).
 
     Returns:
         a :class:`PatchingResult` with dims ``("layer", "pos", "batch")``.
     """
-    layers = _layers(model, layers)
+    layers = resolve_layers(layers, model)
     pos_idx, pos_masks = _one_position_per_run(model, positions, clean)
     K = pos_idx.numel()
-    groups = [_Group(_full_hook_name(model, hook, l), pos_masks, None, K) for l in layers]
+    groups = [PatchRuns(hook_name(model, hook, l), pos_masks, None, K) for l in layers]
     for g in groups:
-        if _layout(g.name) not in ("pos", "pos_head"):
-            raise InputError(f"{g.name} has no position axis to sweep; use patch_heads_sweep or another hook")
-    vals, cm, km = _run_groups(
-        model, clean, corrupted, metric, groups, memory_mb=memory_mb, chunk_size=chunk_size,
-        progress=progress, skip_unchanged=skip_unchanged, desc=f"patching {hook}",
-    )
-    labels = position_labels(model, model._check_images(clean))
+        if _layout(g.hook) not in ("pos", "pos_head"):
+            raise InputError(f"{g.hook} has no position axis to sweep; use patch_heads_sweep or another hook")
+    vals, cm, km = run_sweep(model, clean, corrupted, metric, groups, options=options, desc=f"patching {hook}", **sweep)
+    labels = position_labels(model, grid_of(model, clean))
     return PatchingResult(
         values=vals.view(len(layers), K, -1),
         dims=("layer", "pos", "batch"),
         coords={"layer": layers, "pos": [labels[int(p)] for p in pos_idx], "batch": list(range(clean.shape[0]))},
         clean=cm,
         corrupted=km,
-        hook=_full_hook_name(model, hook, layers[0]).replace(f"blocks.{layers[0]}.", "blocks.{l}.", 1),
+        hook=hook_name(model, hook, layers[0]).replace(f"blocks.{layers[0]}.", "blocks.{l}.", 1),
         metric=_metric_name(metric),
         positions=pos_idx,
         **_base_result(model, clean),
@@ -1003,10 +928,8 @@ def patch_heads_sweep(
     layers: Union[None, int, Iterable[int]] = None,
     heads: Union[None, Sequence[int]] = None,
     positions: Positions = None,
-    memory_mb: float = 512,
-    chunk_size: Optional[int] = None,
-    progress: bool = True,
-    skip_unchanged: bool = True,
+    options: Optional[SweepOptions] = None,
+    **sweep: Any,
 ) -> PatchingResult:
     """Layer x head sweep: patch one head's output (at ``positions``, default all) per run.
 
@@ -1021,31 +944,28 @@ def patch_heads_sweep(
     Returns:
         a :class:`PatchingResult` with dims ``("layer", "head", "batch")``.
     """
-    layers = _layers(model, layers)
+    layers = resolve_layers(layers, model)
     H = model.cfg.n_heads
-    head_idx = torch.arange(H) if heads is None else torch.nonzero(_head_mask(model, heads)).reshape(-1)
+    head_idx = torch.arange(H) if heads is None else torch.nonzero(head_mask(model, heads)).reshape(-1)
     K = head_idx.numel()
     head_masks = torch.zeros(K, H, dtype=torch.bool)
     head_masks[torch.arange(K), head_idx] = True
-    grid = model._check_images(clean)
+    grid = grid_of(model, clean)
     pm = None if positions is None else position_mask(model, positions, grid_size=grid).expand(K, -1)
     groups = []
     for l in layers:
-        name = _full_hook_name(model, hook, l)
+        name = hook_name(model, hook, l)
         if _layout(name) not in ("pos_head", "head_qk"):
             raise InputError(f"{name} has no head axis; use one of attn.hook_q/k/v/z/result/pattern/attn_scores")
-        groups.append(_Group(name, pm, head_masks, K))
-    vals, cm, km = _run_groups(
-        model, clean, corrupted, metric, groups, memory_mb=memory_mb, chunk_size=chunk_size,
-        progress=progress, skip_unchanged=skip_unchanged, desc=f"patching {hook} heads",
-    )
+        groups.append(PatchRuns(name, pm, head_masks, K))
+    vals, cm, km = run_sweep(model, clean, corrupted, metric, groups, options=options, desc=f"patching {hook} heads", **sweep)
     return PatchingResult(
         values=vals.view(len(layers), K, -1),
         dims=("layer", "head", "batch"),
         coords={"layer": layers, "head": head_idx.tolist(), "batch": list(range(clean.shape[0]))},
         clean=cm,
         corrupted=km,
-        hook=groups[0].name.replace(f"blocks.{layers[0]}.", "blocks.{l}.", 1),
+        hook=groups[0].hook.replace(f"blocks.{layers[0]}.", "blocks.{l}.", 1),
         metric=_metric_name(metric),
         **_base_result(model, clean),
     )
@@ -1060,25 +980,20 @@ def patch_block_every(
     components: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
     layers: Union[None, int, Iterable[int]] = None,
     positions: Positions = None,
-    memory_mb: float = 512,
-    chunk_size: Optional[int] = None,
-    progress: bool = True,
-    skip_unchanged: bool = True,
+    options: Optional[SweepOptions] = None,
+    **sweep: Any,
 ) -> PatchingResult:
     """Per-component layer x position sweeps (residual stream, attention output, MLP output).
 
     Returns:
         a :class:`PatchingResult` with dims ``("component", "layer", "pos", "batch")``.
     """
-    layers = _layers(model, layers)
+    layers = resolve_layers(layers, model)
     pos_idx, pos_masks = _one_position_per_run(model, positions, clean)
     K = pos_idx.numel()
-    groups = [_Group(_full_hook_name(model, c, l), pos_masks, None, K) for c in components for l in layers]
-    vals, cm, km = _run_groups(
-        model, clean, corrupted, metric, groups, memory_mb=memory_mb, chunk_size=chunk_size,
-        progress=progress, skip_unchanged=skip_unchanged, desc="patching components",
-    )
-    labels = position_labels(model, model._check_images(clean))
+    groups = [PatchRuns(hook_name(model, c, l), pos_masks, None, K) for c in components for l in layers]
+    vals, cm, km = run_sweep(model, clean, corrupted, metric, groups, options=options, desc="patching components", **sweep)
+    labels = position_labels(model, grid_of(model, clean))
     return PatchingResult(
         values=vals.view(len(components), len(layers), K, -1),
         dims=("component", "layer", "pos", "batch"),
@@ -1106,24 +1021,19 @@ def patch_components_sweep(
     components: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
     layers: Union[None, int, Iterable[int]] = None,
     positions: Positions = None,
-    memory_mb: float = 512,
-    chunk_size: Optional[int] = None,
-    progress: bool = True,
-    skip_unchanged: bool = True,
+    options: Optional[SweepOptions] = None,
+    **sweep: Any,
 ) -> PatchingResult:
     """Component x layer sweep: patch a whole component (at ``positions``, default all) per run.
 
     Returns:
         a :class:`PatchingResult` with dims ``("component", "layer", "batch")``.
     """
-    layers = _layers(model, layers)
-    grid = model._check_images(clean)
+    layers = resolve_layers(layers, model)
+    grid = grid_of(model, clean)
     pm = None if positions is None else position_mask(model, positions, grid_size=grid)[None]
-    groups = [_Group(_full_hook_name(model, c, l), pm, None, 1) for c in components for l in layers]
-    vals, cm, km = _run_groups(
-        model, clean, corrupted, metric, groups, memory_mb=memory_mb, chunk_size=chunk_size,
-        progress=progress, skip_unchanged=skip_unchanged, desc="patching components",
-    )
+    groups = [PatchRuns(hook_name(model, c, l), pm, None, 1) for c in components for l in layers]
+    vals, cm, km = run_sweep(model, clean, corrupted, metric, groups, options=options, desc="patching components", **sweep)
     return PatchingResult(
         values=vals.view(len(components), len(layers), -1),
         dims=("component", "layer", "batch"),

@@ -114,23 +114,31 @@ class Attention(nn.Module):
         H, _, E = W.shape
         return F.linear(x, W.transpose(1, 2).reshape(H * E, -1), b.reshape(H * E)).view(B, N, H, E)
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], n_queries: Optional[int] = None
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """Attention of every token (or, with ``n_queries``, of the first ``n_queries`` tokens only:
+        every token still gives keys and values; the output and the query-side hooks then have
+        ``n_queries`` positions -- the readout of a [CLS]-pooled model needs no more)."""
         B, N, _ = x.shape
         H, E = self.cfg.n_heads, self.cfg.d_head
-        W = self._fused_qkv_weight()
+        W = self._fused_qkv_weight() if n_queries is None else None
         if W is not None:  # one GEMM, exactly timm's
             bias = torch.cat([self.b_Q.reshape(-1), self.b_K.reshape(-1), self.b_V.reshape(-1)])
             qkv = F.linear(x, W, bias).view(B, N, 3, H, E)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
-            q = self._project(x, self.W_Q, self.b_Q)
+            q = self._project(x if n_queries is None else x[:, :n_queries], self.W_Q, self.b_Q)
             k = self._project(x, self.W_K, self.b_K)
             v = self._project(x, self.W_V, self.b_V)
-        q = self.hook_q(q)  # [batch, pos, head, d_head]
+        Nq = q.shape[1]
+        q = self.hook_q(q)  # [batch, query_pos, head, d_head]
         k = self.hook_k(k)
         v = self.hook_v(v)
 
         mask = self.attn_mask
+        if mask is not None and Nq != N and mask.shape[-2] != 1:
+            mask = mask[..., :Nq, :]
         if self.needs_pattern:
             scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).div_(math.sqrt(E))  # [b, h, q, k]
             if mask is not None:
@@ -143,16 +151,16 @@ class Attention(nn.Module):
             z = torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
         else:
             if mask is not None:
-                mask = mask.expand(B, H, N, N)
+                mask = mask.expand(B, H, Nq, N)
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-            )  # [batch, head, pos, d_head]
+            )  # [batch, head, query_pos, d_head]
             z = z.transpose(1, 2)
             if mask is not None:
                 z = torch.nan_to_num(z)
-        z = self.hook_z(z)  # [batch, pos, head, d_head]
+        z = self.hook_z(z)  # [batch, query_pos, head, d_head]
 
         if self.cfg.use_attn_result:
             result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
             return result.sum(dim=-2) + self.b_O
-        return F.linear(z.reshape(B, N, H * E), self.W_O.reshape(H * E, -1).T, self.b_O)
+        return F.linear(z.reshape(B, Nq, H * E), self.W_O.reshape(H * E, -1).T, self.b_O)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.nn as nn
 from jaxtyping import Float
 from torch import Tensor
@@ -11,6 +13,7 @@ from vit_lens.components.attention import Attention
 from vit_lens.components.layer_norm import LayerNorm
 from vit_lens.components.mlp import MLP
 from vit_lens.config import HookedViTConfig
+from vit_lens.core.errors import InputError
 
 
 class TransformerBlock(nn.Module):
@@ -46,12 +49,21 @@ class TransformerBlock(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], n_queries: Optional[int] = None
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """The block on every token, or with ``n_queries`` (pre-norm blocks only) the block's output
+        at the first ``n_queries`` positions: every token gives keys and values, only those tokens
+        are updated (hooks after the attention see ``n_queries`` positions)."""
         resid_pre = self.hook_resid_pre(x)
+        if n_queries is not None and self.cfg.post_norm:
+            raise InputError("n_queries needs a pre-norm block (a post-norm block normalises the attention output)")
         if self.cfg.post_norm:
             attn_out = self.hook_attn_out(self.ln1(self.attn(resid_pre)))
         else:
-            attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre)))
+            attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), n_queries))
+        if n_queries is not None:
+            resid_pre = resid_pre[:, :n_queries]
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         if self.cfg.post_norm:
             mlp_out = self.hook_mlp_out(self.ln2(self.mlp(resid_mid)))

@@ -43,12 +43,14 @@ def _n_layers(model: Any) -> int:
     return int(getattr(model, "cfg", model).n_layers)
 
 
-def resolve_layers(layers: Layers, model: Any) -> List[int]:
+def resolve_layers(layers: Layers, model: Any, *, allow_empty: bool = False) -> List[int]:
     """A layer selection as a list of block indices in ``0 .. n_layers - 1``, in the order given.
 
     Args:
         layers: ``None`` (every block), an int, or ints; negative values count from the end.
         model: the model, its config, or the number of blocks.
+        allow_empty: accept an empty selection (for interventions, where "no layer" means "no
+            change"); an error otherwise, since a sweep or summary over no layer has no result.
 
     Raises:
         OutOfRangeError: an index outside the model. InputError: an empty selection.
@@ -70,7 +72,7 @@ def resolve_layers(layers: Layers, model: Any) -> List[int]:
         if not -n <= l < n:
             raise OutOfRangeError(f"layer {l} out of range for a model with {n} blocks (0..{n - 1})")
         out.append(l % n)
-    if not out:
+    if not out and not allow_empty:
         raise InputError("the layer selection is empty; pass None for every layer")
     return out
 

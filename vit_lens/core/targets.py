@@ -31,12 +31,29 @@ from vit_lens.core.errors import AmbiguousNameError, InputError, InputTypeError,
 if TYPE_CHECKING:  # pragma: no cover
     from vit_lens.model import HookedViT
 
-__all__ = ["PRED", "Target", "class_index", "resolve_targets", "suggest_classes"]
+__all__ = ["PRED", "ClassList", "Target", "class_index", "resolve_targets", "suggest_classes"]
 
 #: the target meaning "each image's own top-1 class"
 PRED = "pred"
 
 Target = Union[int, str, Sequence[Union[int, str]], Tensor, Any]
+
+
+class ClassList:
+    """The classes of a class space without a model (what :func:`class_index` and
+    :func:`resolve_targets` read of a model): their number, and names / synsets when known."""
+
+    def __init__(self, n_classes: int, names: Optional[Sequence[str]] = None, synsets: Optional[Sequence[str]] = None,
+                 name: str = "this class space"):
+        self.cfg = _Cfg(int(n_classes), name)
+        self.class_names = list(names) if names is not None else None
+        self.class_synsets = list(synsets) if synsets is not None else None
+
+
+class _Cfg:
+    def __init__(self, n_classes: int, model_name: str):
+        self.n_classes = n_classes
+        self.model_name = model_name
 
 
 def _parts(full: str) -> List[str]:
@@ -134,6 +151,7 @@ def resolve_targets(
     images: Optional[Float[Tensor, "batch chans height width"]] = None,
     logits: Optional[Float[Tensor, "batch n_classes"]] = None,
     batch_size: int = 32,
+    device: Any = None,
 ) -> Int[Tensor, "batch"]:
     """Target classes as a LongTensor ``[batch]`` on the model's device.
 
@@ -142,13 +160,18 @@ def resolve_targets(
         target: anything in the module docs. ``"pred"`` needs ``logits`` (the model's logits of
             the batch) or ``images`` (then the model is run, ``batch_size`` images at a time).
         batch: the number of images.
+        device: where to put the result (default the model's classifier's device; a
+            :class:`ClassList` gives the CPU).
 
     Raises:
         InputError: no target (``None``), the wrong number of per-image targets, ``"pred"``
             without images or logits.
     """
-    model.W_U  # noqa: B018  (a headless model without class directions raises a clear error here)
-    dev = model.W_U.device
+    if hasattr(model, "readout"):
+        head = model.readout.require_head()  # a headless model without class directions: a clear error
+        dev = device if device is not None else head.W_U.device
+    else:
+        dev = device if device is not None else torch.device("cpu")
     if target is None:
         raise InputError(
             "a target class is needed: an index, a class name, a synset id, one per image, or 'pred' "
@@ -156,7 +179,7 @@ def resolve_targets(
         )
     if isinstance(target, str) and target.strip().lower() == PRED:
         if logits is None:
-            if images is None:
+            if images is None or not hasattr(model, "readout"):
                 raise InputError("target='pred' means each image's top-1 class, which needs the images (or logits)")
             with torch.no_grad():
                 logits = torch.cat([model(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)])
@@ -186,5 +209,7 @@ def resolve_targets(
             raise InputTypeError(f"cannot read a target class from {type(target).__name__} {target!r}") from None
         t = torch.tensor([class_index(model, c) for c in items], dtype=torch.long, device=dev)
     if t.shape[0] != batch:
-        raise InputError(f"{t.shape[0]} targets for a batch of {batch} images; give one target, or one per image")
+        raise InputError(
+            f"{t.shape[0]} targets for a batch of {batch} images; give one target for all, or one class per image"
+        )
     return t.contiguous()
