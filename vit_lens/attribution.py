@@ -42,26 +42,15 @@ divided by ``|v - mean(v)| |d_c - mean(d_c)|``). No weight is ever modified.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from vit_lens.class_space import (
-    Positions,
-    Target,
-    _final_norms,
-    _get,
-    _layers,
-    _require_class_space,
-    final_scale,
-    position_mask,
-    project,
-    readout_logits,
-    resolve_target,
-)
+from vit_lens.class_space import final_scale, project
+from vit_lens.core import Positions, Target, TokenLayout, cache_get, position_mask, resolve_layers, resolve_targets
 from vit_lens.core.errors import InputError
 
 By = Literal["component", "layer", "head", "neuron", "position", "head_position"]
@@ -112,42 +101,23 @@ class _Group:
 
 
 def _readout(model, cache: Any, t: Tensor, b: Optional[Tensor]) -> Tuple[List[_Group], Tensor]:
-    """Readout groups and the constant term [batch] (see the module docstring)."""
-    cfg = model.cfg
+    """Readout groups and the constant term [batch] (see the module docstring), from the model's
+    readout: which positions each head reads with which pooling weight, its centred class
+    directions and its input-independent logit part."""
     s = final_scale(model, cache)  # [batch, pos]
     B, P = s.shape
     dev = s.device
-    norm = model.fc_norm if model.fc_norm is not None else model.ln_final
-    centre = bool(_final_norms(model))
-
-    def head_terms(head: Optional[str]):
-        W, bias = model._head_weights(head)
-        D = model.class_directions(head) if head is not None else model.class_directions()
-        if centre:
-            D = D - D.mean(0, keepdim=True)
-        const = bias.clone()
-        if norm is not None and norm.b is not None:
-            const = const + norm.b @ W
-        d = D[:, t].T
-        c = const[t]
-        if b is not None:
-            d = d - D[:, b].T
-            c = c - const[b]
-        return d, c
-
+    readout = model.readout
     groups, constant = [], torch.zeros(B, device=dev, dtype=s.dtype)
-    if cfg.pooling == "token_dist":
-        specs = [(torch.tensor([0]), 0.5, "cls"), (torch.tensor([1]), 0.5, "dist")]
-    elif cfg.pooling == "token":
-        specs = [(torch.tensor([0]), 1.0, None)]
-    else:
-        n = P - cfg.n_prefix_tokens
-        specs = [(torch.arange(cfg.n_prefix_tokens, P), 1.0 / n, None)]
-    for pos, alpha, head in specs:
-        pos = pos.to(dev)
-        d, c = head_terms(head)
-        groups.append(_Group(pos=pos, weight=alpha / s[:, pos], direction=d))
-        constant = constant + alpha * len(pos) * c
+    for g in readout.read_groups(P):
+        pos = torch.arange(P, device=dev)[g.positions]
+        D = readout.dla_directions(g.head)
+        const = readout.constant(g.head)
+        d, c = D[:, t].T, const[t]
+        if b is not None:
+            d, c = d - D[:, b].T, c - const[b]
+        groups.append(_Group(pos=pos, weight=g.weight / s[:, pos], direction=d))
+        constant = constant + g.weight * len(pos) * c
     return groups, constant
 
 
@@ -292,7 +262,7 @@ def dla(
     Returns:
         a :class:`DLAResult`; ``result.total()`` equals ``result.logit``.
     """
-    _require_class_space(model)
+    model.readout.require_head()
     cfg = model.cfg
     L = cfg.n_layers
     dla_hooks(model, by)  # validates `by`
@@ -301,30 +271,30 @@ def dla(
             f"{cfg.model_name} normalises sublayer outputs (post-norm blocks), so they are not sums over "
             f"heads/neurons/positions; use by='component' or by='layer'"
         )
-    last = _get(cache, f"blocks.{L - 1}.hook_resid_post", "the final residual stream")
+    last = cache_get(cache, f"blocks.{L - 1}.hook_resid_post", "the final residual stream")
     B = last.shape[0]
-    t = resolve_target(model, target, B).to(last.device)
-    base = resolve_target(model, baseline, B).to(last.device) if baseline is not None else None
+    t = resolve_targets(model, target, B).to(last.device)
+    base = resolve_targets(model, baseline, B).to(last.device) if baseline is not None else None
 
     with torch.no_grad():
         groups, constant = _readout(model, cache, t, base)
-        final = readout_logits(model, last)
+        final = model.readout.logits(last)
         logit = final.gather(1, t[:, None])[:, 0]
         if base is not None:
             logit = logit - final.gather(1, base[:, None])[:, 0]
 
         rest: Dict[str, Tensor] = {}
         if model.ln_pre is None:
-            emb = {"embed": _contrib(groups, _get(cache, "hook_embed")),
-                   "pos_embed": _contrib(groups, _get(cache, "hook_pos_embed"))}
+            emb = {"embed": _contrib(groups, cache_get(cache, "hook_embed")),
+                   "pos_embed": _contrib(groups, cache_get(cache, "hook_pos_embed"))}
         else:
-            emb = {"embed": _contrib(groups, _get(cache, "blocks.0.hook_resid_pre", "the embedding after ln_pre"))}
+            emb = {"embed": _contrib(groups, cache_get(cache, "blocks.0.hook_resid_pre", "the embedding after ln_pre"))}
 
         def attn_out(l):
-            return _contrib(groups, _get(cache, f"blocks.{l}.hook_attn_out"))
+            return _contrib(groups, cache_get(cache, f"blocks.{l}.hook_attn_out"))
 
         def mlp_out(l):
-            return _contrib(groups, _get(cache, f"blocks.{l}.hook_mlp_out"))
+            return _contrib(groups, cache_get(cache, f"blocks.{l}.hook_mlp_out"))
 
         coords: Dict[str, list] = {}
         if by == "component":
@@ -343,7 +313,7 @@ def dla(
             per = []
             for l in range(L):
                 attn = model.blocks[l].attn
-                z = _get(cache, f"blocks.{l}.attn.hook_z")  # [batch, pos, head, d_head]
+                z = cache_get(cache, f"blocks.{l}.attn.hook_z")  # [batch, pos, head, d_head]
                 per.append(_head_contrib(groups, z, attn.W_O))
                 rest[f"{l}_attn_bias"] = _bias_contrib(groups, attn.b_O)
                 rest[f"{l}_mlp_out"] = mlp_out(l)
@@ -353,7 +323,7 @@ def dla(
             per = []
             for l in range(L):
                 mlp = model.blocks[l].mlp
-                post = _get(cache, f"blocks.{l}.mlp.hook_post")  # [batch, pos, d_mlp]
+                post = cache_get(cache, f"blocks.{l}.mlp.hook_post")  # [batch, pos, d_mlp]
                 per.append(_neuron_contrib(groups, post, mlp.W_out))  # [batch, d_mlp]
                 rest[f"{l}_attn_out"] = attn_out(l)
                 rest[f"{l}_mlp_bias"] = _bias_contrib(groups, mlp.b_out)
@@ -363,8 +333,8 @@ def dla(
             per = []
             for l in range(L):
                 attn = model.blocks[l].attn
-                pattern = torch.nan_to_num(_get(cache, f"blocks.{l}.attn.hook_pattern"))  # [b, h, q, k]
-                v = _get(cache, f"blocks.{l}.attn.hook_v")  # [b, k, h, e]
+                pattern = torch.nan_to_num(cache_get(cache, f"blocks.{l}.attn.hook_pattern"))  # [b, h, q, k]
+                v = cache_get(cache, f"blocks.{l}.attn.hook_v")  # [b, k, h, e]
                 per.append(_source_contrib(groups, pattern, v, attn.W_O))  # [batch, head, pos]
                 rest[f"{l}_attn_bias"] = _bias_contrib(groups, attn.b_O)
                 rest[f"{l}_mlp_out"] = mlp_out(l)
@@ -421,20 +391,13 @@ def _value_vectors(model, kind: Kind, l: int) -> Tensor:
     raise InputError(f"kind must be 'mlp' or 'attn', got {kind!r}")
 
 
-def _class_dirs(model) -> Tensor:
-    D = model.class_directions()
-    if _final_norms(model):
-        D = D - D.mean(0, keepdim=True)
-    return D
-
-
 def _scores(model, V: Tensor, metric: str) -> Tensor:
-    D = _class_dirs(model)
+    D = model.readout.dla_directions()
     raw = V @ D
     if metric == "raw":
         return raw
     if metric == "cosine":
-        Vc = V - V.mean(-1, keepdim=True) if _final_norms(model) else V
+        Vc = V - V.mean(-1, keepdim=True) if model.readout.final_norms else V
         return raw / (Vc.norm(dim=-1, keepdim=True) * D.norm(dim=0, keepdim=True)).clamp_min(1e-12)
     raise InputError(f"metric must be 'raw' or 'cosine', got {metric!r}")
 
@@ -501,8 +464,8 @@ def memories(
     Returns:
         :class:`Memories` (``.scores``, ``.top_classes(k)``). The weights are read, never modified.
     """
-    _require_class_space(model)
-    ls = _layers(model, layers)
+    model.readout.require_head()
+    ls = resolve_layers(layers, model)
     with torch.no_grad():
         s = torch.stack([_scores(model, _value_vectors(model, kind, l), metric) for l in ls])
     if kind == "attn":
@@ -548,8 +511,8 @@ def class_value_agreement(
 def _coefficients(cache: Any, kind: Kind, l: int) -> Tensor:
     """[batch, pos, n_values] memory coefficients of block l."""
     if kind == "mlp":
-        return _get(cache, f"blocks.{l}.mlp.hook_post", "the MLP coefficients")
-    z = _get(cache, f"blocks.{l}.attn.hook_z", "the attention coefficients")
+        return cache_get(cache, f"blocks.{l}.mlp.hook_post", "the MLP coefficients")
+    z = cache_get(cache, f"blocks.{l}.attn.hook_z", "the attention coefficients")
     return z.reshape(*z.shape[:2], -1)
 
 
@@ -584,13 +547,13 @@ class KeyValueAgreement:
     def rate(self, positions: Positions = "image") -> Float[Tensor, "layer"]:
         """Key-value agreement rate: share of the chosen tokens with at least one shared memory."""
         _, B, P = self.overlap.shape
-        m = position_mask(positions, B, P, self.n_prefix_tokens).to(self.overlap.device)
+        m = position_mask(TokenLayout.from_counts(self.n_prefix_tokens, P), positions, batch=B).to(self.overlap.device)
         return ((self.overlap > 0) & m).sum((1, 2)).float() / m.sum().clamp_min(1)
 
     def mean_overlap(self, positions: Positions = "image") -> Float[Tensor, "layer"]:
         """Mean overlap fraction over the chosen tokens."""
         _, B, P = self.overlap.shape
-        m = position_mask(positions, B, P, self.n_prefix_tokens).to(self.overlap.device)
+        m = position_mask(TokenLayout.from_counts(self.n_prefix_tokens, P), positions, batch=B).to(self.overlap.device)
         return (self.overlap * m).sum((1, 2)) / m.sum().clamp_min(1)
 
 
@@ -618,8 +581,8 @@ def key_value_agreement(
         kind: ``"mlp"`` or ``"attn"``.
         layers: block indices (default all).
     """
-    _require_class_space(model)
-    ls = _layers(model, layers)
+    model.readout.require_head()
+    ls = resolve_layers(layers, model)
     out = []
     with torch.no_grad():
         for l in ls:
@@ -627,7 +590,7 @@ def key_value_agreement(
             B, P, n = coef.shape
             if not 1 <= k <= n:
                 raise InputError(f"k must be in 1..{n} (the number of value vectors), got {k}")
-            t = resolve_target(model, target, B).to(coef.device)
+            t = resolve_targets(model, target, B).to(coef.device)
             raw = _scores(model, _value_vectors(model, kind, l), "raw")  # [n, C]
             best = raw[:, t].T.topk(k, dim=-1).indices  # [batch, k]
             member = torch.zeros(B, n, dtype=torch.bool, device=coef.device)
@@ -662,8 +625,8 @@ def memory_compositionality(
         [layer] shares over the chosen tokens, or per-token booleans [layer, batch, pos] with
         ``per_token=True``.
     """
-    _require_class_space(model)
-    ls = _layers(model, layers)
+    model.readout.require_head()
+    ls = resolve_layers(layers, model)
     comp = []
     with torch.no_grad():
         for l in ls:
@@ -674,12 +637,12 @@ def memory_compositionality(
             vec_top1 = _scores(model, _value_vectors(model, kind, l), "raw").argmax(-1)  # [n]
             top = coef.topk(k, dim=-1).indices  # [batch, pos, k]
             mem_classes = vec_top1[top]  # [batch, pos, k]
-            out = _get(cache, f"blocks.{l}.hook_{'mlp' if kind == 'mlp' else 'attn'}_out")
+            out = cache_get(cache, f"blocks.{l}.hook_{'mlp' if kind == 'mlp' else 'attn'}_out")
             pred = project(model, out, mode, cache).argmax(-1)  # [batch, pos]
             comp.append(~(mem_classes == pred[..., None]).any(-1))
     c = torch.stack(comp)
     if per_token:
         return c
     _, B, P = c.shape
-    m = position_mask(positions, B, P, model.cfg.n_prefix_tokens).to(c.device)
+    m = position_mask(TokenLayout.for_positions(model, P), positions, batch=B).to(c.device)
     return (c & m).sum((1, 2)).float() / m.sum().clamp_min(1)

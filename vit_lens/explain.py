@@ -31,7 +31,6 @@ native one a hook on ``blocks.0.hook_resid_pre`` that does the same.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
@@ -40,12 +39,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from vit_lens.config import resolve_layers
+from vit_lens.core import PRED, Target, as_batch, chunks, grid_of, progress_bar, resolve_layers, resolve_targets
 from vit_lens.core.errors import InputError, OutOfRangeError
 
-Target = Union[None, int, str, Sequence[Union[int, str]], Tensor]
 Mode = Literal["negative", "positive"]
 
 __all__ = [
@@ -54,7 +51,6 @@ __all__ = [
     "attention_key_attribution",
     "attention_rollout",
     "chefer_relevance",
-    "resolve_targets",
     "upsample_map",
     "normalize_map",
     "model_view",
@@ -73,23 +69,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # small shared helpers
 # ---------------------------------------------------------------------------------------------
-def _as_batch(model, images: Any) -> Tensor:
-    """A normalised batch on the model's device: tensors pass through, anything else is preprocessed."""
-    if isinstance(images, Tensor) and images.is_floating_point():
-        if images.ndim == 3:
-            raise InputError(
-                f"expected a batch [batch, channels, H, W], got a single image of shape {tuple(images.shape)}; "
-                "add a batch axis with images[None]."
-            )
-        return images.to(device=model.device, dtype=model.dtype)
-    return model.preprocess(images)
-
-
-def _grid(model, images: Tensor) -> Tuple[int, int]:
-    ph, pw = model.cfg.patch_size
-    return (images.shape[-2] // ph, images.shape[-1] // pw)
-
-
 def _require_cls(model, what: str) -> int:
     cfg = model.cfg
     if not cfg.has_class_token:
@@ -109,56 +88,16 @@ def _require_token_pooling(model, what: str) -> None:
         )
 
 
-def _resolve_layers(model, layers: Optional[Iterable[int]]) -> List[int]:
-    out = resolve_layers(layers, model.cfg.n_layers)
-    if not out:
-        raise InputError("layers is empty; pass None for all layers")
-    return sorted(set(out))
+def _sorted_layers(model, layers: Optional[Iterable[int]]) -> List[int]:
+    """The selected blocks in forward order, each once (maps accumulate over blocks in order)."""
+    return sorted(set(resolve_layers(layers, model)))
 
 
-def _chunks(n: int, batch_size: int) -> List[slice]:
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
-def _progress(it, progress: bool, desc: str, total: Optional[int] = None):
-    return tqdm(it, desc=desc, total=total, disable=not progress, leave=False)
-
-
-def resolve_targets(model, target: Target, n: int, images: Optional[Tensor] = None, batch_size: int = 32) -> Int[Tensor, "n"]:
-    """Target class indices for ``n`` images.
-
-    Args:
-        target: ``None`` (the model's own top-1 prediction on ``images``), a class index or name
-            (used for every image), or one index/name per image (list or tensor of length ``n``).
-        images: the batch, needed only when ``target`` is None.
-    """
-    device = model.device
-    if target is None:
-        if images is None:
-            raise InputError("target=None means 'the predicted class', which needs the images")
-        with torch.no_grad():
-            preds = [model(images[s]).argmax(-1) for s in _chunks(len(images), batch_size)]
-        return torch.cat(preds).to(device)
-    if isinstance(target, (numbers.Integral, str)) or (isinstance(target, (Tensor, np.ndarray)) and target.ndim == 0):
-        idx = model.class_index(target if isinstance(target, str) else int(target))
-        return torch.full((n,), idx, dtype=torch.long, device=device)
-    if isinstance(target, (Tensor, np.ndarray)):
-        target = target.tolist()
-    target = [t if isinstance(t, str) else int(t) for t in target]
-    if len(target) != n:
-        raise InputError(f"got {len(target)} targets for {n} images; give one per image or a single class")
-    return torch.tensor([model.class_index(t) for t in target], dtype=torch.long, device=device)
-
-
-def _project_to_classes(model, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
-    """The paper's class-space projection of single vectors (``model.project_to_classes``: final
-    norm(s) with each vector's own statistics, then the classifier with its bias). For distilled
-    models the [CLS] head is used, as [CLS] is what it reads."""
-    if model.cfg.pooling == "token_dist":
-        return model.project_to_classes(x, head="cls")
-    return model.project_to_classes(x)
+def _pred_or(model, target: Target, n: int) -> Optional[Tensor]:
+    """``None`` for ``target="pred"`` (read off each batch's own forward pass), else the targets."""
+    if isinstance(target, str) and target.strip().lower() == PRED:
+        return None
+    return resolve_targets(model, target, n)
 
 
 def _pattern_hooks(layers: Sequence[int], store: Dict[int, Tensor], name: str = "attn.hook_pattern"):
@@ -190,7 +129,7 @@ def _reduce(
 def class_space_importance(
     model,
     images: Any,
-    target: Target = None,
+    target: Target = PRED,
     *,
     layers: Optional[Iterable[int]] = None,
     per_layer: bool = False,
@@ -225,12 +164,12 @@ def class_space_importance(
         Larger means that attending more to the patch lowers the loss of the target class.
     """
     cls = _require_cls(model, "class_space_importance")
-    x_all = _as_batch(model, images)
-    layers = _resolve_layers(model, layers)
-    targets = resolve_targets(model, target, len(x_all), x_all, batch_size)
+    x_all = as_batch(model, images)
+    layers = _sorted_layers(model, layers)
+    targets = resolve_targets(model, target, len(x_all), images=x_all, batch_size=batch_size)
     n_pre = model.cfg.n_prefix_tokens
     out = []
-    for s in _progress(_chunks(len(x_all), batch_size), progress, "class-space importance"):
+    for s in progress_bar(chunks(len(x_all), batch_size), progress=progress, desc="class-space importance"):
         patterns: Dict[int, Tensor] = {}
         attn_outs: Dict[int, Tensor] = {}
         hooks = _pattern_hooks(layers, patterns) + _pattern_hooks(layers, attn_outs, "hook_attn_out")
@@ -239,14 +178,14 @@ def class_space_importance(
         with torch.enable_grad():
             model.run_with_hooks(x, stop_at_layer=max(layers) + 1, fwd_hooks=hooks)
             for i, l in enumerate(layers):
-                logits = _project_to_classes(model, attn_outs[l][:, cls])
+                logits = model.readout.project(attn_outs[l][:, cls], head=model.readout.cls_head)
                 if double_softmax:
                     logits = logits.softmax(-1)
                 loss = F.cross_entropy(logits, targets[s], reduction="sum")
                 (g,) = torch.autograd.grad(loss, patterns[l], retain_graph=i < len(layers) - 1)
                 grads.append(g[:, :, cls, n_pre:].detach())
         out.append(-torch.stack(grads, dim=1))  # [b, layer, head, n_patches]
-    return _reduce(torch.cat(out), _grid(model, x_all), per_layer, per_head)
+    return _reduce(torch.cat(out), grid_of(model, x_all), per_layer, per_head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +239,7 @@ def attention_key_attribution(
             "per-key attribution needs attn_out to be linear in the values; post-norm blocks "
             "normalise the attention output. Use class_space_importance for this model."
         )
-    layers = _resolve_layers(model, layers)
+    layers = _sorted_layers(model, layers)
     target = torch.as_tensor(target, device=model.device).long()
     u = _frozen_class_direction(model, cache, target)  # [B, D]
     contribs, biases = [], []
@@ -326,7 +265,7 @@ def _dla_cache_names(model, layers: Sequence[int]) -> List[str]:
 def direct_patch_attribution(
     model,
     images: Any,
-    target: Target = None,
+    target: Target = PRED,
     *,
     layers: Optional[Iterable[int]] = None,
     per_layer: bool = False,
@@ -345,19 +284,19 @@ def direct_patch_attribution(
     """
     _require_cls(model, "direct_patch_attribution")
     _require_token_pooling(model, "direct_patch_attribution")
-    x_all = _as_batch(model, images)
-    layers = _resolve_layers(model, layers)
+    x_all = as_batch(model, images)
+    layers = _sorted_layers(model, layers)
     n_pre = model.cfg.n_prefix_tokens
     names = _dla_cache_names(model, layers)
     out = []
-    provided = None if target is None else resolve_targets(model, target, len(x_all))
-    for s in _progress(_chunks(len(x_all), batch_size), progress, "direct patch attribution"):
+    provided = _pred_or(model, target, len(x_all))
+    for s in progress_bar(chunks(len(x_all), batch_size), progress=progress, desc="direct patch attribution"):
         with torch.no_grad():
             logits, cache = model.run_with_cache(x_all[s], names_filter=names)
         t = logits.argmax(-1) if provided is None else provided[s]
         contrib, _ = attention_key_attribution(model, cache, t, layers=layers)
         out.append(contrib[..., n_pre:])
-    return _reduce(torch.cat(out), _grid(model, x_all), per_layer, per_head)
+    return _reduce(torch.cat(out), grid_of(model, x_all), per_layer, per_head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,12 +340,12 @@ def attention_rollout(
         raise InputError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
     if not 0.0 <= residual_weight <= 1.0:
         raise InputError(f"residual_weight must be in [0, 1], got {residual_weight}")
-    x_all = _as_batch(model, images)
-    layers = _resolve_layers(model, layers)
+    x_all = as_batch(model, images)
+    layers = _sorted_layers(model, layers)
     n_pre = model.cfg.n_prefix_tokens
     names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
     out = []
-    for s in _progress(_chunks(len(x_all), batch_size), progress, "attention rollout"):
+    for s in progress_bar(chunks(len(x_all), batch_size), progress=progress, desc="attention rollout"):
         with torch.no_grad():
             _, cache = model.run_with_cache(x_all[s], names_filter=names, return_type=None, stop_at_layer=max(layers) + 1)
             P = cache[names[0]].shape[-1]
@@ -418,13 +357,13 @@ def attention_rollout(
                 A = A / A.sum(-1, keepdim=True)
                 r = torch.einsum("bq,bqk->bk", r, A)
         out.append(r[:, n_pre:])
-    return torch.cat(out).reshape(len(x_all), *_grid(model, x_all))
+    return torch.cat(out).reshape(len(x_all), *grid_of(model, x_all))
 
 
 def chefer_relevance(
     model,
     images: Any,
-    target: Target = None,
+    target: Target = PRED,
     *,
     batch_size: int = 16,
     progress: bool = True,
@@ -436,12 +375,12 @@ def chefer_relevance(
     probabilities. The map is ``R[CLS, patches]`` (for average-pooled models, the mean of the patch rows).
     One forward and one backward per batch.
     """
-    x_all = _as_batch(model, images)
+    x_all = as_batch(model, images)
     layers = list(range(model.cfg.n_layers))
     n_pre = model.cfg.n_prefix_tokens
-    provided = None if target is None else resolve_targets(model, target, len(x_all))
+    provided = _pred_or(model, target, len(x_all))
     out = []
-    for s in _progress(_chunks(len(x_all), batch_size), progress, "Chefer relevance"):
+    for s in progress_bar(chunks(len(x_all), batch_size), progress=progress, desc="Chefer relevance"):
         patterns: Dict[int, Tensor] = {}
         x = x_all[s].detach().requires_grad_(True)
         with torch.enable_grad():
@@ -457,7 +396,7 @@ def chefer_relevance(
                 A_bar = (grads[l] * patterns[l]).clamp(min=0).mean(1)
                 r = r + torch.einsum("bq,bqk->bk", r, A_bar)
         out.append(r[:, n_pre:].detach())
-    return torch.cat(out).reshape(len(x_all), *_grid(model, x_all))
+    return torch.cat(out).reshape(len(x_all), *grid_of(model, x_all))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,7 +523,7 @@ def keep_tokens_logits(
     keep = torch.as_tensor(keep, device=images.device).long()
     if keep.ndim != 2 or keep.shape[0] != B:
         raise InputError(f"keep must be [batch={B}, n_keep] patch indices, got shape {tuple(keep.shape)}")
-    rows, cols = _grid(model, images)
+    rows, cols = grid_of(model, images)
     N = rows * cols
     if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= N):
         raise OutOfRangeError(f"patch indices must be in 0..{N - 1}")
@@ -729,9 +668,9 @@ def perturbation_curve(
     """
     if mode not in ("negative", "positive"):
         raise InputError(f"mode must be 'negative' or 'positive', got {mode!r}")
-    x_all = _as_batch(model, images)
+    x_all = as_batch(model, images)
     B = len(x_all)
-    rows, cols = _grid(model, x_all)
+    rows, cols = grid_of(model, x_all)
     N = rows * cols
     if (maps is None) == (order is None):
         raise InputError("give exactly one of maps= (importance maps) or order= (patch indices, most important first)")
@@ -749,9 +688,9 @@ def perturbation_curve(
     correct = torch.zeros(B, len(n_list), dtype=torch.bool)
     probs = torch.zeros(B, len(n_list))
     with torch.no_grad():
-        for j, n in enumerate(_progress(n_list, progress, f"{mode} perturbation")):
+        for j, n in enumerate(progress_bar(n_list, progress=progress, desc=f"{mode} perturbation")):
             keep = order[:, :n] if mode == "negative" else order[:, N - n:]
-            for s in _chunks(B, batch_size):
+            for s in chunks(B, batch_size):
                 logits = keep_tokens_logits(model, x_all[s], keep[s]).float()
                 correct[s, j] = (logits.argmax(-1) == t[s]).cpu()
                 probs[s, j] = logits.softmax(-1).gather(1, t[s, None])[:, 0].cpu()
@@ -771,8 +710,8 @@ def random_perturbation_curves(
 ) -> List[PerturbationCurve]:
     """The random-order baseline: one :class:`PerturbationCurve` per seed (a fresh random
     permutation of the patches per image and seed)."""
-    x_all = _as_batch(model, images)
-    rows, cols = _grid(model, x_all)
+    x_all = as_batch(model, images)
+    rows, cols = grid_of(model, x_all)
     return [
         perturbation_curve(
             model, x_all, targets, order=random_order(len(x_all), rows * cols, seed, x_all.device),
@@ -807,7 +746,7 @@ def compare_perturbation(
     """
     import pandas as pd
 
-    x_all = _as_batch(model, images)
+    x_all = as_batch(model, images)
     rows_out, curves = [], {}
     seeds = list(random_seeds)
     for mode in modes:

@@ -17,7 +17,7 @@ from transformer_lens.hook_points import HookPoint
 from vit_lens.components import LayerNorm, PatchEmbed, PosEmbed, TransformerBlock, Unembed
 from vit_lens.components.readout import Readout
 from vit_lens.config import HookedViTConfig
-from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError, UnknownNameError
+from vit_lens.core.errors import InputError, InputTypeError
 
 ReturnType = Optional[Literal["logits"]]
 

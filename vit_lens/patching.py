@@ -44,12 +44,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from vit_lens.core import (
-    Layers,
     Positions,
     grid_of,
     head_mask,
@@ -65,7 +63,7 @@ from vit_lens.core.targets import ClassList
 
 if TYPE_CHECKING:  # pragma: no cover
     from vit_lens.model import HookedViT
-from vit_lens.core.errors import InputError, OutOfRangeError, UnknownNameError
+from vit_lens.core.errors import InputError, UnknownNameError
 
 __all__ = [
     "ClassMetric",

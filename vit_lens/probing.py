@@ -28,7 +28,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from vit_lens.core.errors import InputError, OutOfRangeError
+
+from vit_lens.core import Positions, TokenLayout, as_batch, chunks, grid_of, position_mask, resolve_layers
+from vit_lens.core.errors import InputError
 
 COMPONENTS = {
     "resid": "hook_resid_post",
@@ -171,22 +173,9 @@ def fit_ridge_probe(
 # ---------------------------------------------------------------------------------------------
 # activations
 # ---------------------------------------------------------------------------------------------
-def _positions(model, positions, P: int) -> List[int]:
-    n_pre = model.cfg.n_prefix_tokens
-    if positions is None or positions == "all":
-        return list(range(P))
-    if positions == "cls":
-        if not model.cfg.has_class_token:
-            raise InputError(f"{model.cfg.model_name} has no class token")
-        return [0]
-    if positions == "patches":
-        return list(range(n_pre, P))
-    if isinstance(positions, int):
-        positions = [positions]
-    out = [int(p) % P if -P <= int(p) < P else None for p in positions]
-    if None in out:
-        raise OutOfRangeError(f"positions must be in 0..{P - 1}, got {list(positions)}")
-    return out
+def _positions(model, positions: Positions, P: int) -> List[int]:
+    """The selected positions of a sequence of ``P`` tokens, as indices in order."""
+    return torch.nonzero(position_mask(TokenLayout.for_positions(model, P), positions)).flatten().tolist()
 
 
 def _component_hook(component: str) -> str:
@@ -216,14 +205,13 @@ def collect_activations(
 
     Memory: ``n x layers x components x positions x d_model`` floats -- restrict positions for big sets.
     """
-    from vit_lens.explain import _as_batch, _chunks, _resolve_layers
 
-    x_all = _as_batch(model, images)
-    layers = _resolve_layers(model, layers)
+    x_all = as_batch(model, images)
+    layers = sorted(set(resolve_layers(layers, model)))
     hooks = {(c, l): f"blocks.{l}.{_component_hook(c)}" for c in components for l in layers}
     out: Dict[Tuple[str, int], List[Tensor]] = {k: [] for k in hooks}
     pos = None
-    for s in tqdm(_chunks(len(x_all), batch_size), desc="activations", disable=not progress, leave=False):
+    for s in tqdm(chunks(len(x_all), batch_size), desc="activations", disable=not progress, leave=False):
         with torch.no_grad():
             _, cache = model.run_with_cache(
                 x_all[s], names_filter=list(set(hooks.values())), return_type=None, stop_at_layer=max(layers) + 1
@@ -266,10 +254,9 @@ def linear_probe_sweep(
     """
     import pandas as pd
 
-    from vit_lens.explain import _as_batch, _grid, _project_to_classes
 
-    train_images, test_images = _as_batch(model, train_images), _as_batch(model, test_images)
-    rows_, cols_ = _grid(model, test_images)
+    train_images, test_images = as_batch(model, train_images), as_batch(model, test_images)
+    rows_, cols_ = grid_of(model, test_images)
     pos_list = _positions(model, positions, model.cfg.n_prefix_tokens + rows_ * cols_)
     train_labels = torch.as_tensor(train_labels).long().cpu()
     test_labels = torch.as_tensor(test_labels).long().cpu()
@@ -288,7 +275,7 @@ def linear_probe_sweep(
         pred = probe.predict(Xte.transpose(0, 1))  # [pos, n_test]
         probe_acc = (pred == test_labels[None]).float().mean(-1)
         with torch.no_grad():
-            logits = _project_to_classes(model, Xte.to(model.device, W_dtype)).float().cpu()  # [n, pos, C]
+            logits = model.readout.project(Xte.to(model.device, W_dtype), head=model.readout.cls_head).float().cpu()  # [n, pos, C]
         cs_acc = (logits.argmax(-1) == test_labels[:, None]).float().mean(0)
         sub = logits[..., probe.classes]
         cs_sub = (probe.classes[sub.argmax(-1)] == test_labels[:, None]).float().mean(0)
@@ -320,9 +307,8 @@ def probe_importance(
     image, the rank of its target class under each probe is summed over layers. The map is minus
     that sum (larger = the target class is better decodable from that patch's token).
     """
-    from vit_lens.explain import _as_batch, _grid
 
-    x_test = _as_batch(model, test_images)
+    x_test = as_batch(model, test_images)
     kw = dict(layers=layers, components=(component,), positions="patches", batch_size=batch_size, progress=progress)
     train = collect_activations(model, train_images, **kw)
     test = collect_activations(model, x_test, **kw)
@@ -333,4 +319,4 @@ def probe_importance(
         probe = fit_ridge_probe(Xtr.transpose(0, 1), train_labels, alpha)
         r = probe.target_rank(test[key].transpose(0, 1), test_targets).T  # [n_test, n_patches]
         total = r if total is None else total + r
-    return (-total.float()).reshape(len(x_test), *_grid(model, x_test)).to(model.device)
+    return (-total.float()).reshape(len(x_test), *grid_of(model, x_test)).to(model.device)

@@ -137,6 +137,12 @@ class Readout(nn.Module):
         """How many leading tokens the classifier reads (1 for [CLS], 2 distilled, 0 for average pooling)."""
         return {"token": 1, "token_dist": 2}.get(self.cfg.pooling, 0)
 
+    @property
+    def cls_head(self) -> Head:
+        """The classifier that reads [CLS]: ``"cls"`` for a distilled model, else ``None`` (its one
+        head). Projections of [CLS] vectors use it."""
+        return "cls" if self.cfg.pooling == "token_dist" else None
+
     def read_groups(self, n_pos: int) -> List[ReadGroup]:
         """The positions each classifier head reads and their pooling weights (for a sequence of
         ``n_pos`` tokens); the exact weights of :meth:`pool`."""

@@ -30,8 +30,7 @@ from torch import Tensor
 from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vit_lens.config import HookedViTConfig
-    from vit_lens.model import HookedViT
+    pass
 
 __all__ = ["Box", "Positions", "TokenLayout", "box_grid_mask", "grid_of", "position_labels", "position_mask"]
 
@@ -93,6 +92,16 @@ class TokenLayout:
                    (ph, pw), (int(g[0]) * ph, int(g[1]) * pw))
 
     @classmethod
+    def for_positions(cls, model: Any, n_pos: int) -> "TokenLayout":
+        """The layout of a model's sequence of ``n_pos`` tokens (native grid, a square grid, or -- for
+        other sizes -- a layout by counts, which still resolves names, indices and flat masks)."""
+        cfg = getattr(model, "cfg", model)
+        try:
+            return cls.of(model, grid_of(model, n_pos))
+        except InputError:
+            return cls.from_counts(cfg.n_prefix_tokens, n_pos, cfg.prefix_token_names)
+
+    @classmethod
     def from_counts(cls, n_prefix: int, n_pos: int, prefix_names: Sequence[str] = ()) -> "TokenLayout":
         """A layout known only by its counts (result objects): the grid is square when it can be."""
         n_patch = max(n_pos - n_prefix, 0)
@@ -115,7 +124,7 @@ def grid_of(model: Any, x: Union[Tensor, int]) -> Tuple[int, int]:
     Images are checked as the forward checks them (size, channels). A sequence length other than
     the native one is resolved only when its patches form a square grid.
     """
-    cfg = model.cfg
+    cfg = getattr(model, "cfg", model)
     if isinstance(x, Tensor):
         return tuple(model._check_images(x))
     n_pos = int(x)

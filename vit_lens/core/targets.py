@@ -210,6 +210,7 @@ def resolve_targets(
         t = torch.tensor([class_index(model, c) for c in items], dtype=torch.long, device=dev)
     if t.shape[0] != batch:
         raise InputError(
-            f"{t.shape[0]} targets for a batch of {batch} images; give one target for all, or one class per image"
+            f"{t.shape[0]} targets for a batch of {batch} images; give one target for every image, or one per image "
+            "(a list or tensor of one class per image)"
         )
     return t.contiguous()
