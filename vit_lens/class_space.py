@@ -1018,7 +1018,8 @@ def categorical_updates(
       sublayer output's projection is strictly larger than that of the reference's projection;
     - ``quantity="rank"``: the target's 0-based rank among all classes is strictly smaller in the
       sublayer output's projection than in the reference's (this library's earlier default; on the
-      real ViT-Ti / DeiT-Ti it disagrees with the logit comparison on 1-3% of tokens).
+      real ViT-Ti / DeiT-Ti and the 20 shared photos it decides 1.5-3.1% of the tokens differently
+      from the logit comparison, ``benchmarks/categorical_updates_real.py``).
 
     The paper's code (``compute_class_similarity_change``, on the features ``attn.proj`` /
     ``mlp.fc2`` of timm's blocks and the previous block's output ``hs_{b-1}``) compares the projected
