@@ -6,6 +6,8 @@ Reference values are computed here from timm (forward hooks on ``model.blocks``,
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -293,14 +295,27 @@ def test_change_rate_categorical_updates_composition_vs_timm(families):
     assert torch.allclose(cs.change_rate(h, cache, target), (up & img).sum((1, 2)).float() / img.sum())
     assert torch.equal(cs.change_rate(h, cache, target, per_token=True), up)
 
-    # categorical updates: attention vs resid_pre, MLP vs resid_mid (corrected) or resid_pre (paper)
+    # categorical updates (default: the paper's quantity, the target LOGIT of the sublayer output's own
+    # projection vs the reference's): attention vs resid_pre, MLP vs resid_mid (corrected) or resid_pre (paper)
     cu = cs.categorical_updates(h, cache, target)
-    assert torch.equal(cu.attn, rk["attn"] < rk["in"])
-    assert torch.equal(cu.mlp, rk["mlp"] < rk["mid"])
-    cp = cs.categorical_updates(h, cache, target, variant="paper")
+    assert cu.quantity == "logit" and cu.variant == "corrected"
+    assert torch.equal(cu.attn, tl["attn"] > tl["in"])
+    assert torch.equal(cu.mlp, tl["mlp"] > tl["mid"])
+    torch.testing.assert_close(cu.attn_change, tl["attn"] - tl["in"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cu.mlp_change, tl["mlp"] - tl["mid"], rtol=1e-4, atol=1e-4)
+    cpl = cs.categorical_updates(h, cache, target, variant="paper")
+    assert torch.equal(cpl.mlp, tl["mlp"] > tl["in"])
+    assert torch.equal(cu.attn_top1, rk["attn"] == 0) and torch.equal(cu.mlp_top1, rk["mlp"] == 0)
+    # ranks, as an explicit option (the former default; these assertions were the default's before)
+    cr = cs.categorical_updates(h, cache, target, quantity="rank")
+    assert torch.equal(cr.attn, rk["attn"] < rk["in"])
+    assert torch.equal(cr.mlp, rk["mlp"] < rk["mid"])
+    cp = cs.categorical_updates(h, cache, target, variant="paper", quantity="rank")
     assert torch.equal(cp.mlp, rk["mlp"] < rk["in"])
+    assert torch.equal(cr.mlp_change, (rk["mid"] - rk["mlp"]).float())
     tab = cu.summary()
     assert len(tab) == 2 * h.cfg.n_layers and tab.update_rate.between(0, 1).all()
+    assert list(tab.columns) == ["layer", "sublayer", "update_rate", "top1_rate", "mean_change"]
 
     # residual composition: first matching of input / attn / mlp, else none; shares sum to 1
     top = {k: v.argmax(-1) for k, v in lg.items()}
@@ -372,6 +387,176 @@ def test_position_mask_forms():
         cs.position_mask(torch.ones(5, dtype=torch.bool), 1, 6, 2)
     with pytest.raises(ValueError, match="'image', 'prefix'"):
         cs.position_mask("patches", 1, 6, 2)
+
+
+# ------------------------------------------------------------------ categorical updates, explicitly
+CU_HOOKS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post")
+
+
+def _explicit_categorical_updates(model, cache, target):
+    """The definition written out from cached tensors and model.project_to_classes: per block, the
+    target logit and rank of each projection; attention vs resid_pre; MLP vs resid_mid / resid_pre."""
+    t = target.view(-1, 1)
+    out = {k: [] for k in ("attn", "mlp_corr", "mlp_paper", "attn_rank", "mlp_rank_corr", "attn_top1", "mlp_top1",
+                           "d_attn", "d_mlp_corr", "d_mlp_paper")}
+    for l in range(model.cfg.n_layers):
+        lg = {k: model.project_to_classes(cache[f"blocks.{l}.hook_{k}"]) for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out")}
+        tl = {k: v[torch.arange(v.shape[0])[:, None], torch.arange(v.shape[1])[None, :], t] for k, v in lg.items()}
+        rk = {k: (v > tl[k][..., None]).sum(-1) for k, v in lg.items()}
+        out["attn"].append(tl["attn_out"] > tl["resid_pre"])
+        out["mlp_corr"].append(tl["mlp_out"] > tl["resid_mid"])
+        out["mlp_paper"].append(tl["mlp_out"] > tl["resid_pre"])
+        out["d_attn"].append(tl["attn_out"] - tl["resid_pre"])
+        out["d_mlp_corr"].append(tl["mlp_out"] - tl["resid_mid"])
+        out["d_mlp_paper"].append(tl["mlp_out"] - tl["resid_pre"])
+        out["attn_rank"].append(rk["attn_out"] < rk["resid_pre"])
+        out["mlp_rank_corr"].append(rk["mlp_out"] < rk["resid_mid"])
+        out["attn_top1"].append(rk["attn_out"] == 0)
+        out["mlp_top1"].append(rk["mlp_out"] == 0)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def _check_categorical_updates(model, cache, target):
+    ref = _explicit_categorical_updates(model, cache, target)
+    cu = cs.categorical_updates(model, cache, target)
+    cp = cs.categorical_updates(model, cache, target, variant="paper")
+    cr = cs.categorical_updates(model, cache, target, quantity="rank")
+    assert torch.equal(cu.attn, ref["attn"]) and torch.equal(cu.mlp, ref["mlp_corr"])
+    assert torch.equal(cp.mlp, ref["mlp_paper"])
+    torch.testing.assert_close(cu.attn_change, ref["d_attn"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cu.mlp_change, ref["d_mlp_corr"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cp.mlp_change, ref["d_mlp_paper"], rtol=0, atol=1e-5)
+    assert torch.equal(cr.attn, ref["attn_rank"]) and torch.equal(cr.mlp, ref["mlp_rank_corr"])
+    for c in (cu, cp, cr):
+        assert torch.equal(c.attn_top1, ref["attn_top1"]) and torch.equal(c.mlp_top1, ref["mlp_top1"])
+    # variant="paper" and the default differ only in the MLP's reference
+    assert torch.equal(cp.attn, cu.attn) and torch.equal(cp.attn_change, cu.attn_change)
+    assert torch.equal(cp.attn_top1, cu.attn_top1) and torch.equal(cp.mlp_top1, cu.mlp_top1)
+    return cu, cp, cr
+
+
+def test_categorical_updates_explicit_small_random_model(families):
+    for family in ("token", "registers", "layerscale"):
+        _, h = families[family]
+        x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+        _, cache = h.run_with_cache(x, names_filter=cs.hook_names(h, *CU_HOOKS))
+        cu, cp, _ = _check_categorical_updates(h, cache, torch.tensor([0, 4, 9]))
+        assert not torch.equal(cp.mlp_change, cu.mlp_change), family  # the two MLP references do differ here
+
+
+@pytest.mark.real
+def test_categorical_updates_explicit_real_vit(real_vit, labelled_images):
+    rows = labelled_images[:3]
+    x = real_vit.preprocess([r["path"] for r in rows], mode="paper")
+    target = torch.tensor([r["class_index"] for r in rows])
+    _, cache = real_vit.run_with_cache(x, names_filter=cs.hook_names(real_vit, *CU_HOOKS))
+    cu, cp, cr = _check_categorical_updates(real_vit, cache, target)
+    # logits and ranks are different definitions: they disagree on some of the 3 x 12 x 197 tokens
+    assert (cu.attn != cr.attn).any() or (cu.mlp != cr.mlp).any()
+
+
+# ------------------------------------------------------------------ NaN is never top-1
+def _sorted_rank(row, t):
+    """Independent reference: the target's place in a descending sort, ties in the target's favour."""
+    return sorted(row, reverse=True).index(row[t])
+
+
+@settings(max_examples=60, deadline=None)
+@given(row=st.lists(st.sampled_from([-math.inf, -2.0, -0.5, 0.0, 0.5, 3.0, math.inf]), min_size=2, max_size=8),
+       data=st.data())
+def test_class_rank_with_infinities_matches_a_sort(row, data):
+    t = data.draw(st.integers(0, len(row) - 1))
+    got = cs.class_rank(torch.tensor(row), torch.tensor(t))
+    assert int(got) == _sorted_rank(row, t)
+    assert float(cs.class_identifiability(torch.tensor(row), torch.tensor(t))) == pytest.approx(1 - _sorted_rank(row, t) / len(row))
+
+
+def test_class_rank_nan_is_refused_and_inf_is_ranked():
+    from vit_lens.core.errors import InputError
+
+    nan, inf = float("nan"), float("inf")
+    # a NaN target logit, or a NaN in another class: refused, never rank 0
+    for logits, t in (([nan, 1.0, 2.0], 0), ([1.0, nan, 2.0], 2), ([nan, nan, nan], 1)):
+        with pytest.raises(InputError, match="NaN"):
+            cs.class_rank(torch.tensor(logits), torch.tensor(t))
+        with pytest.raises(InputError, match="NaN"):
+            cs.class_identifiability(torch.tensor(logits), torch.tensor(t))
+    # one NaN anywhere in a batch refuses the whole batch (no partial answers)
+    batch = torch.zeros(2, 3, 5)
+    batch[1, 2, 4] = nan
+    with pytest.raises(InputError, match=r"\[1, 2\]"):
+        cs.class_rank(batch, torch.zeros(2, 1, dtype=torch.long))
+    # +inf in another class is larger than the finite target; a +inf target is top-1
+    assert int(cs.class_rank(torch.tensor([1.0, inf, 0.0]), torch.tensor(0))) == 1
+    assert int(cs.class_rank(torch.tensor([inf, 5.0, 0.0]), torch.tensor(0))) == 0
+    # a -inf target is a valid last rank (r = 1 / n_classes)
+    assert int(cs.class_rank(torch.tensor([-inf, 1.0, 2.0, 3.0]), torch.tensor(0))) == 3
+    assert float(cs.class_identifiability(torch.tensor([-inf, 1.0, 2.0, 3.0]), torch.tensor(0))) == pytest.approx(0.25)
+
+
+def _nan_cache(h, x, names):
+    """A cache whose every activation is NaN from the embedding on (what a NaN image used to give):
+    a hook writes NaN into hook_embed, past the forward's own check of the pixels."""
+    with h.hooks(fwd_hooks=[("hook_embed", lambda t, hook: torch.full_like(t, float("nan")))]):
+        _, cache = h.run_with_cache(x, names_filter=names)
+    return cache
+
+
+def test_nan_image_is_refused_everywhere(families):
+    from vit_lens.core.errors import InputError
+
+    _, h = families["token"]
+    x = torch.randn(2, 3, 32, 32)
+    bad = x.clone()
+    bad[1, 0, 3, 3] = float("nan")
+    names = cs.hook_names(h, *CU_HOOKS)
+    # the image itself: identify, and getting a cache for identifiability / categorical_updates
+    with pytest.raises(InputError, match="NaN"):
+        cs.identify(h, bad, progress=False)
+    with pytest.raises(InputError, match="NaN"):
+        cs.identify(h, bad, [1, 2], progress=False)
+    with pytest.raises(InputError, match="NaN"):
+        h.run_with_cache(bad, names_filter=names)
+    inf = x.clone()
+    inf[0, 2, 0, 0] = float("inf")
+    with pytest.raises(InputError, match="inf"):
+        cs.identify(h, inf, [1, 2], progress=False)
+    # NaN activations that get past the forward's check: every class-space function refuses them
+    cache = _nan_cache(h, x, names)
+    assert torch.isnan(cache["blocks.1.hook_attn_out"]).all()
+    for call in (
+        lambda: cs.identifiability(h, cache, [1, 2]),
+        lambda: cs.identifiability(h, cache, [1, 2], hook="attn_out"),
+        lambda: cs.categorical_updates(h, cache, [1, 2]),
+        lambda: cs.categorical_updates(h, cache, [1, 2], variant="paper"),
+        lambda: cs.categorical_updates(h, cache, [1, 2], quantity="rank"),
+        lambda: cs.change_rate(h, cache, [1, 2]),
+        lambda: cs.residual_composition(h, cache),
+        lambda: cs.identifiability_rate(h, cache["blocks.1.hook_resid_post"], [1, 2]),
+    ):
+        with pytest.raises(InputError, match="NaN"):
+            call()
+    # one NaN token in an otherwise clean cache is enough: categorical_updates never reports it as top-1
+    _, clean = h.run_with_cache(x, names_filter=names)
+    poisoned = dict(clean.cache_dict)
+    a = poisoned["blocks.0.hook_attn_out"].clone()
+    a[0, 3, 5] = float("nan")
+    poisoned["blocks.0.hook_attn_out"] = a
+    with pytest.raises(InputError, match="NaN"):
+        cs.categorical_updates(h, poisoned, [1, 2])
+    with pytest.raises(InputError, match="NaN"):
+        cs.categorical_updates(h, poisoned, [1, 2], quantity="rank")
+
+
+def test_categorical_updates_bad_options(families):
+    _, h = families["token"]
+    _, cache = h.run_with_cache(torch.randn(2, 3, 32, 32), names_filter=cs.hook_names(h, *CU_HOOKS))
+    with pytest.raises(ValueError, match="quantity must be 'logit'"):
+        cs.categorical_updates(h, cache, 1, quantity="prob")
+    with pytest.raises(ValueError, match="variant must be"):
+        cs.categorical_updates(h, cache, 1, variant="fixed")
+    with pytest.raises(ValueError, match="mode must be"):
+        cs.categorical_updates(h, cache, 1, mode="lens")
 
 
 # ------------------------------------------------------------------ errors and the baseline

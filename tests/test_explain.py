@@ -392,6 +392,50 @@ def test_random_baseline_and_compare_other_grid():
     assert rnd.n_patches == 36 and rnd.n_steps == 5
 
 
+def _always_class0():
+    """A random model whose classifier bias makes class 0 the top-1 of every input with any tokens
+    kept (bias +20 against logits of order 0.1): a known answer for "the target is never top-1"."""
+    t = make_timm("vit_tiny_patch16_224", seed=3, **TINY)
+    with torch.no_grad():
+        t.head.bias.zero_()
+        t.head.bias[0] = 20.0
+    return t, HookedViT.from_timm(t)
+
+
+def test_compare_perturbation_undefined_auc_says_why():
+    import warnings
+
+    t, m = _always_class0()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    assert (t(x).argmax(-1) == 0).all()  # timm agrees: class 0 whatever the image
+    maps2 = {"ours": torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(5))}
+    maps = {"ours": maps2["ours"][:1]}
+    y = torch.tensor([3, 0])
+    # one image whose target (3) is not the top-1 class, alone: its accuracy curve is 0 at every step
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        table, curves = E.compare_perturbation(m, x[:1], y[:1], maps, random_seeds=[0, 1], steps=4, progress=False)
+    assert table.auc.isna().all() and table.prob_auc.notna().all()
+    assert [w.category for w in rec] == [E.UndefinedAUCWarning]  # one clear warning, no numpy ones
+    msg = str(rec[0].message)
+    for part in ("ours/negative", "ours/positive", "random/negative (seeds [0, 1])", "0 / 0",
+                 "image 0: target 'class 3', top-1 'class 0'", "targets='pred'", "Drop"):
+        assert part in msg, (part, msg)
+    # a single curve says so too, naming the images never classified as their target
+    with pytest.warns(E.UndefinedAUCWarning, match=r"images \[0\]"):
+        assert math.isnan(curves[("ours", "negative")].auc)
+    # with the model's own prediction as target the AUCs are defined (here 1: always correct)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table, _ = E.compare_perturbation(m, x[:1], "pred", maps, random_seeds=[0], steps=4, progress=False)
+    assert np.allclose(table.auc, 15 / 16)  # accuracy 1 at every step: (N - 1) / N
+    # a batch with one correctly classified image: defined, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table, _ = E.compare_perturbation(m, x, y, maps2, random_seeds=[0], steps=4, progress=False)
+    assert table.auc.notna().all()
+
+
 # ------------------------------------------------------------------ maps -> images
 def test_upsample_normalize_overlay(tiny):
     _, m = tiny

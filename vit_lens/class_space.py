@@ -36,8 +36,8 @@ rank the top-1 class would get ``1 - 1/|C|`` instead of 1. We use the 0-based ra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -439,13 +439,41 @@ def target_logit(
     return out / s.reshape(*s.shape, *([1] * (out.ndim - 2)))
 
 
+def _refuse_nan_logits(logits: Tensor, what: str = "logits") -> None:
+    """Raise :class:`InputError` if ``logits`` holds a NaN (a NaN compares False with everything, so
+    "count the larger logits" would score a NaN target as top-1)."""
+    if logits.is_floating_point() and bool(torch.isnan(logits).any()):
+        bad = torch.isnan(logits).any(-1).nonzero()[:5].tolist() if logits.ndim > 1 else []
+        where = f" (first at leading indices {bad})" if bad else ""
+        raise InputError(
+            f"the {what} contain NaN{where}: a NaN has no rank (every comparison with it is False, so it "
+            "would count as top-1). NaN scores come from NaN/inf activations: HookedViT refuses non-finite "
+            "pixels, so check a hand-made cache, a hook that edits activations, or a float16 overflow "
+            "(run the model in float32)."
+        )
+
+
 def class_rank(
     logits: Float[Tensor, "... n_classes"], target: Int[Tensor, "..."]
 ) -> Int[Tensor, "..."]:
     """0-based rank of ``target`` in ``logits``: the number of classes with a strictly larger logit.
 
     ``target`` must broadcast against ``logits.shape[:-1]`` (e.g. [batch, 1] against [batch, pos]).
+    Ties count in the target's favour (rank 0 when it shares the top logit).
+
+    Non-finite logits: ``+inf`` is larger than every finite logit (a ``+inf`` in another class
+    pushes the target down one place; a ``+inf`` target is top-1), ``-inf`` is smaller (a ``-inf``
+    target ranks behind every class with a larger logit: last when the others are finite).
+    **NaN is refused**: any NaN in ``logits`` (the target's or another class's) raises
+    :class:`~vit_lens.core.errors.InputError` instead of returning a rank, because a NaN compares
+    False with everything and would be counted as top-1 (rank 0, r = 1).
+
+    Returns:
+        [...] int64 ranks in ``0 .. n_classes - 1``.
     """
+    if not isinstance(logits, Tensor):
+        logits = torch.as_tensor(logits)
+    _refuse_nan_logits(logits)
     target = torch.as_tensor(target, device=logits.device, dtype=torch.long)
     target = target.expand(logits.shape[:-1])
     t = logits.gather(-1, target.unsqueeze(-1))
@@ -455,7 +483,16 @@ def class_rank(
 def class_identifiability(
     logits: Float[Tensor, "... n_classes"], target: Int[Tensor, "..."]
 ) -> Float[Tensor, "..."]:
-    """``r = 1 - rank / n_classes`` with the 0-based rank of :func:`class_rank` (1 means top-1)."""
+    """``r = 1 - rank / n_classes`` with the 0-based rank of :func:`class_rank` (1 means top-1).
+
+    Args:
+        logits: [..., n_classes] class scores.
+        target: class indices broadcasting against ``logits.shape[:-1]``.
+
+    Returns:
+        [...] r in ``[1 / n_classes, 1]``. NaN logits raise :class:`~vit_lens.core.errors.InputError`
+        (see :func:`class_rank`); infinite ones are ranked as numbers larger / smaller than all others.
+    """
     return 1.0 - class_rank(logits, target).to(logits.dtype) / logits.shape[-1]
 
 
@@ -672,8 +709,7 @@ class IdentifiabilityResult:
 def _ranks_of(model, x: Tensor, t: Tensor, mode: Mode, scale: Optional[Tensor]) -> Tensor:
     """Rank of target t[b] for every vector of x [batch, pos, d_model] (one layer at a time)."""
     logits = project(model, x, mode, scale=scale) if mode == "dla" else project(model, x, mode)
-    tgt = logits.gather(-1, t.view(-1, 1, 1).expand(x.shape[0], x.shape[1], 1))
-    return (logits > tgt).sum(-1)
+    return class_rank(logits, t.view(-1, 1))  # refuses NaN (never rank 0 for a NaN)
 
 
 def identifiability(
@@ -848,6 +884,12 @@ def _resid_pre(model, cache: Any, l: int) -> Tensor:
     return _get(cache, name, f"the input of block {l}")
 
 
+def _finite_scores(logits: Tensor, what: str) -> Tensor:
+    """``logits`` unchanged, or an :class:`InputError` when they hold a NaN (see :func:`class_rank`)."""
+    _refuse_nan_logits(logits, what)
+    return logits
+
+
 def change_rate(
     model,
     cache: Any,
@@ -860,8 +902,14 @@ def change_rate(
     """Share of tokens whose target-class logit rises across each block.
 
     For block ``l`` a token "changes towards the target" when the target logit of its projection
-    after the block (``hook_resid_post``) is larger than before it (``hook_resid_pre``; the
+    after the block (``hook_resid_post``) is strictly larger than before it (``hook_resid_pre``; the
     block-0 input is ``hook_embed + hook_pos_embed`` when ``resid_pre`` is not cached).
+
+    This is the paper's quantity: its code (``get_ident_change_rate``) compares the projected
+    correct-class *logits* of the block output ``hs_b`` and the block input ``hs_{b-1}`` (not ranks),
+    over the image tokens, for blocks 1 .. L-1 (it does not store the embedding; block 0 is included
+    here). ``mode="paper"`` projects as the paper does (each vector through the final norm with its
+    own statistics, then the classifier with its bias).
 
     Args:
         cache: with ``blocks.{l}.hook_resid_post`` for every block (and the block-0 input).
@@ -872,6 +920,8 @@ def change_rate(
 
     Returns:
         [layer] share of the chosen tokens (pooled over images) whose target logit increased.
+        A NaN target logit raises :class:`~vit_lens.core.errors.InputError` (it would silently
+        count as "not rising").
     """
     L = model.cfg.n_layers
     with torch.no_grad():
@@ -879,6 +929,8 @@ def change_rate(
         for l in range(L):
             before = target_logit(model, _resid_pre(model, cache, l), target, mode, cache)
             after = target_logit(model, _get(cache, f"blocks.{l}.hook_resid_post"), target, mode, cache)
+            _finite_scores(before, f"target logits of block {l}'s input")
+            _finite_scores(after, f"target logits of block {l}'s output")
             rises.append(after > before)
     up = torch.stack(rises)
     if per_token:
@@ -889,16 +941,21 @@ def change_rate(
 
 @dataclass
 class CategoricalUpdates:
-    """Attention vs MLP "categorical updates" per layer and token.
+    """Attention vs MLP "categorical updates" per layer and token (see :func:`categorical_updates`).
 
     Attributes:
-        attn, mlp: [layer, batch, pos] whether the sublayer's output, projected on its own, ranks
-            the target class higher (strictly smaller rank) than the residual stream it is compared
-            with (see :func:`categorical_updates`).
+        attn, mlp: [layer, batch, pos] whether the sublayer's output, projected on its own, scores
+            the target class higher than the reference stream it is compared with: a strictly
+            larger target logit (``quantity="logit"``) or a strictly smaller target rank
+            (``quantity="rank"``). ``attn == attn_change > 0`` and ``mlp == mlp_change > 0``.
         attn_top1, mlp_top1: [layer, batch, pos] whether the target is the top-1 class of the
-            sublayer's output.
-        variant: ``"corrected"`` or ``"paper"``.
+            sublayer's output (0-based rank 0, ties in the target's favour; either quantity).
+        variant: ``"corrected"`` (MLP vs ``resid_mid``) or ``"paper"`` (MLP vs ``resid_pre``).
         n_prefix_tokens: for position masks.
+        quantity: ``"logit"`` or ``"rank"``: what was compared.
+        attn_change, mlp_change: [layer, batch, pos] float, the comparison itself, positive = towards
+            the target: ``logit(sublayer) - logit(reference)`` for ``"logit"``,
+            ``rank(reference) - rank(sublayer)`` for ``"rank"``.
     """
 
     attn: Bool[Tensor, "layer batch pos"]
@@ -907,9 +964,17 @@ class CategoricalUpdates:
     mlp_top1: Bool[Tensor, "layer batch pos"]
     variant: str
     n_prefix_tokens: int
+    quantity: str = "logit"
+    attn_change: Optional[Float[Tensor, "layer batch pos"]] = None
+    mlp_change: Optional[Float[Tensor, "layer batch pos"]] = None
 
     def summary(self, positions: Positions = "image") -> "Any":
-        """Tidy table ``layer, sublayer, update_rate, top1_rate`` (shares of the chosen tokens)."""
+        """Tidy table ``layer, sublayer, update_rate, top1_rate, mean_change`` over the chosen tokens.
+
+        ``update_rate``: share of the tokens whose target score the sublayer raises (``attn`` /
+        ``mlp``); ``top1_rate``: share whose sublayer output has the target as top-1;
+        ``mean_change``: mean of ``attn_change`` / ``mlp_change`` (logit units, or rank places).
+        """
         import pandas as pd
 
         L, B, P = self.attn.shape
@@ -917,9 +982,11 @@ class CategoricalUpdates:
         n = m.sum().clamp_min(1).float()
         rows = []
         for l in range(L):
-            for name, upd, top in (("attn", self.attn, self.attn_top1), ("mlp", self.mlp, self.mlp_top1)):
+            for name, upd, top, ch in (("attn", self.attn, self.attn_top1, self.attn_change),
+                                       ("mlp", self.mlp, self.mlp_top1, self.mlp_change)):
+                mean_change = float((ch[l].double() * m).sum() / n) if ch is not None else float("nan")
                 rows.append(dict(layer=l, sublayer=name, update_rate=float((upd[l] & m).sum() / n),
-                                 top1_rate=float((top[l] & m).sum() / n)))
+                                 top1_rate=float((top[l] & m).sum() / n), mean_change=mean_change))
         return pd.DataFrame(rows)
 
 
@@ -930,49 +997,97 @@ def categorical_updates(
     *,
     mode: Mode = "paper",
     variant: Literal["corrected", "paper"] = "corrected",
+    quantity: Literal["logit", "rank"] = "logit",
 ) -> CategoricalUpdates:
     """Do the attention and MLP sublayers push tokens towards the target class?
 
-    A sublayer output is a *categorical update* for a token when its own class-space projection
-    ranks the target class higher than the residual stream it is compared with:
+    For block ``l`` and every token, two class-space projections (``mode``; ``"paper"``: each vector
+    through the final norm with its own statistics, then the classifier with its bias) are compared:
 
-    - ``variant="corrected"`` (default): each sublayer is compared with the residual stream it
-      actually reads: ``hook_resid_pre`` for attention, ``hook_resid_mid`` for the MLP.
-    - ``variant="paper"``: both sublayers are compared with the block's input ``hook_resid_pre``
-      (the MLP then is compared with a stream it does not read, which ignores what attention
-      has just added).
+    - attention: ``blocks.l.hook_attn_out`` against ``blocks.l.hook_resid_pre`` (the block's input),
+      in both variants;
+    - MLP: ``blocks.l.hook_mlp_out`` against ``blocks.l.hook_resid_mid`` (``variant="corrected"``,
+      default: the stream the MLP reads) or against ``blocks.l.hook_resid_pre``
+      (``variant="paper"``: the block's input, as in the paper).
+
+    The sublayer output is projected *on its own* (what the sublayer adds to the stream; LayerScale,
+    where a model has it, is folded into it), not the stream after adding it. The token counts as
+    a categorical update when
+
+    - ``quantity="logit"`` (default, the paper's definition): the target-class logit of the
+      sublayer output's projection is strictly larger than that of the reference's projection;
+    - ``quantity="rank"``: the target's 0-based rank among all classes is strictly smaller in the
+      sublayer output's projection than in the reference's (this library's earlier default; on the
+      real ViT-Ti / DeiT-Ti and the 20 shared photos it decides 1.5-3.1% of the tokens differently
+      from the logit comparison, ``benchmarks/categorical_updates_real.py``).
+
+    The paper's code (``compute_class_similarity_change``, on the features ``attn.proj`` /
+    ``mlp.fc2`` of timm's blocks and the previous block's output ``hs_{b-1}``) compares the projected
+    correct-class logits of the attention *and* of the MLP output with the block's input
+    ``hs_{b-1}``: ``variant="paper"``. The MLP, however, reads ``resid_mid = resid_pre + attn_out``,
+    so comparing it with ``resid_pre`` ignores what attention has just written;
+    ``variant="corrected"`` compares each sublayer with the stream it reads. The two variants give
+    identical ``attn`` / ``attn_change`` / ``*_top1`` and differ only in the MLP's reference.
+    The paper reports blocks 1 .. L-1 ([CLS] and image tokens separately); block 0 (reference:
+    the embeddings) is included here.
 
     Args:
         cache: with ``hook_resid_pre`` (or the previous ``resid_post``), ``hook_attn_out``,
             ``hook_mlp_out`` and, for the corrected variant, ``hook_resid_mid`` of every block.
         target: one class, or one per image.
-        mode: projection mode.
+        mode: projection mode (``"paper"`` or ``"dla"``).
+        variant: the MLP's reference stream, see above.
+        quantity: ``"logit"`` (default) or ``"rank"``.
+
+    Returns:
+        a :class:`CategoricalUpdates` ([layer, batch, pos] tensors; ``.summary()`` for a table).
+        NaN scores raise :class:`~vit_lens.core.errors.InputError` (a NaN would otherwise count as
+        top-1 under ranks or as "no update" under logits); a NaN image is already refused by the
+        model's forward.
     """
     if variant not in ("corrected", "paper"):
         raise InputError(f"variant must be 'corrected' or 'paper', got {variant!r}")
+    if quantity not in ("logit", "rank"):
+        raise InputError(f"quantity must be 'logit' (the paper's comparison) or 'rank', got {quantity!r}")
+    if mode not in ("paper", "dla"):
+        raise InputError(f"mode must be 'paper' or 'dla', got {mode!r}")
     L = model.cfg.n_layers
     B = _get(cache, "blocks.0.hook_attn_out").shape[0]
     t = resolve_target(model, target, B)
     scale = final_scale(model, cache) if mode == "dla" else None
-    attn, mlp, attn_top, mlp_top = [], [], [], []
+
+    def scores(x: Tensor, what: str) -> Tuple[Tensor, Tensor]:
+        """(target logit [batch, pos], target rank [batch, pos]) of x's projection."""
+        logits = project(model, x, mode, scale=scale) if mode == "dla" else project(model, x, mode)
+        _finite_scores(logits, f"class-space projections of {what}")
+        tt = t.to(logits.device).view(-1, 1)
+        tl = logits.gather(-1, tt.expand(logits.shape[:-1]).unsqueeze(-1))[..., 0]
+        return tl, class_rank(logits, tt)
+
+    attn, mlp, attn_top, mlp_top, attn_ch, mlp_ch = [], [], [], [], [], []
     with torch.no_grad():
         for l in range(L):
-            pre = _resid_pre(model, cache, l)
-            t = t.to(pre.device)
-            r_pre = _ranks_of(model, pre, t, mode, scale)
-            r_attn = _ranks_of(model, _get(cache, f"blocks.{l}.hook_attn_out"), t, mode, scale)
-            r_mlp = _ranks_of(model, _get(cache, f"blocks.{l}.hook_mlp_out"), t, mode, scale)
+            pre = scores(_resid_pre(model, cache, l), f"block {l}'s input")
+            a = scores(_get(cache, f"blocks.{l}.hook_attn_out"), f"blocks.{l}.hook_attn_out")
+            m = scores(_get(cache, f"blocks.{l}.hook_mlp_out"), f"blocks.{l}.hook_mlp_out")
             if variant == "corrected":
-                r_mid = _ranks_of(model, _get(cache, f"blocks.{l}.hook_resid_mid"), t, mode, scale)
+                ref = scores(_get(cache, f"blocks.{l}.hook_resid_mid"), f"blocks.{l}.hook_resid_mid")
             else:
-                r_mid = r_pre
-            attn.append(r_attn < r_pre)
-            mlp.append(r_mlp < r_mid)
-            attn_top.append(r_attn == 0)
-            mlp_top.append(r_mlp == 0)
+                ref = pre
+            if quantity == "logit":
+                da, dm = a[0] - pre[0], m[0] - ref[0]
+            else:
+                da, dm = (pre[1] - a[1]).to(a[0].dtype), (ref[1] - m[1]).to(m[0].dtype)
+            attn_ch.append(da)
+            mlp_ch.append(dm)
+            attn.append(da > 0)
+            mlp.append(dm > 0)
+            attn_top.append(a[1] == 0)
+            mlp_top.append(m[1] == 0)
     return CategoricalUpdates(
         attn=torch.stack(attn), mlp=torch.stack(mlp), attn_top1=torch.stack(attn_top),
         mlp_top1=torch.stack(mlp_top), variant=variant, n_prefix_tokens=model.cfg.n_prefix_tokens,
+        quantity=quantity, attn_change=torch.stack(attn_ch), mlp_change=torch.stack(mlp_ch),
     )
 
 
@@ -1015,25 +1130,35 @@ class ResidualComposition:
 def residual_composition(model, cache: Any, *, mode: Mode = "paper") -> ResidualComposition:
     """Classify every block output's top-1 class as coming from the input, attention, MLP or none.
 
+    Compares top-1 classes (``argmax`` of each projection), as the paper's code does
+    (``compute_residual_match``: the top-1 class of ``hs_b`` against those of ``hs-attn_b``,
+    ``hs-mlp_b`` and ``hs_{b-1}``); no rank-vs-logit question arises. The paper reports the three
+    overlapping match rates; here the first match wins (input, then attention, then MLP, else
+    none) so the shares sum to 1, and the overlapping matches are kept in ``same_as_*``.
+
     Args:
         cache: with the input (``hook_resid_pre``), ``hook_attn_out``, ``hook_mlp_out`` and
             ``hook_resid_post`` of every block.
         mode: projection mode.
+
+    Returns:
+        a :class:`ResidualComposition` ([layer, batch, pos]). NaN projections raise
+        :class:`~vit_lens.core.errors.InputError` (``argmax`` would return the NaN class).
     """
     _require_class_space(model)
     scale = final_scale(model, cache) if mode == "dla" else None
 
-    def top1(x):
+    def top1(x, what):
         logits = project(model, x, mode, scale=scale) if mode == "dla" else project(model, x, mode)
-        return logits.argmax(-1)
+        return _finite_scores(logits, f"class-space projections of {what}").argmax(-1)
 
     cats, si, sa, sm = [], [], [], []
     with torch.no_grad():
         for l in range(model.cfg.n_layers):
-            out = top1(_get(cache, f"blocks.{l}.hook_resid_post"))
-            a = out == top1(_resid_pre(model, cache, l))
-            b = out == top1(_get(cache, f"blocks.{l}.hook_attn_out"))
-            c = out == top1(_get(cache, f"blocks.{l}.hook_mlp_out"))
+            out = top1(_get(cache, f"blocks.{l}.hook_resid_post"), f"blocks.{l}.hook_resid_post")
+            a = out == top1(_resid_pre(model, cache, l), f"block {l}'s input")
+            b = out == top1(_get(cache, f"blocks.{l}.hook_attn_out"), f"blocks.{l}.hook_attn_out")
+            c = out == top1(_get(cache, f"blocks.{l}.hook_mlp_out"), f"blocks.{l}.hook_mlp_out")
             cat = torch.full_like(out, 3)
             cat = torch.where(c, torch.full_like(out, 2), cat)
             cat = torch.where(b, torch.full_like(out, 1), cat)

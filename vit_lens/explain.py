@@ -31,6 +31,8 @@ native one a hook on ``blocks.0.hook_resid_pre`` that does the same.
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
@@ -63,6 +65,7 @@ __all__ = [
     "random_perturbation_curves",
     "perturbation_auc",
     "compare_perturbation",
+    "UndefinedAUCWarning",
 ]
 
 
@@ -149,7 +152,7 @@ def class_space_importance(
     Args:
         model: a :class:`~vit_lens.HookedViT` with a class token.
         images: a normalised batch [batch, C, H, W] (or anything ``model.preprocess`` accepts).
-        target: the class to explain (see :func:`resolve_targets`; default: the predicted class).
+        target: the class to explain (see :func:`vit_lens.core.resolve_targets`; default ``"pred"``: the predicted class).
         layers: blocks to use (default all); the summed map sums over these, and the ``per_layer``
             axis lists them in increasing order.
         per_layer, per_head: keep the layer and/or head axis.
@@ -558,7 +561,14 @@ def perturbation_auc(curve: Union[Tensor, Sequence[float], np.ndarray], n_patche
 
     ``curve`` holds the accuracy (or target probability) for keeping ``n = 1 .. n_patches - 1``
     tokens. For a curve evaluated at a subset of those ``n``, the sum is estimated as
-    ``(n_patches - 1) * mean(curve)`` (identical when every ``n`` is used). NaN if the curve is all zero.
+    ``(n_patches - 1) * mean(curve)`` (identical when every ``n`` is used).
+
+    Returns:
+        the AUC in ``(0, 1)``, or NaN when the curve is 0 at every step: then the normalisation
+        is 0 / 0 and the AUC is undefined (an accuracy curve is all zero when no image is
+        classified as its target at any evaluated step, typically because the targets are not the
+        model's top-1 class even with every token kept). :class:`PerturbationCurve` and
+        :func:`compare_perturbation` say so in an :class:`UndefinedAUCWarning`.
     """
     c = torch.as_tensor(np.asarray(curve, dtype=np.float64))
     if c.numel() == 0:
@@ -582,6 +592,31 @@ def _resolve_steps(steps: Union[None, int, Sequence[int]], N: int) -> List[int]:
     if not out or out[0] < 1 or out[-1] > N - 1:
         raise InputError(f"steps must be numbers of kept tokens in 1..{N - 1}, got {list(steps)[:5]}...")
     return out
+
+
+class UndefinedAUCWarning(UserWarning):
+    """A token-removal AUC is undefined (NaN): the accuracy curve is 0 at every evaluated step."""
+
+
+def _never_correct(correct: Tensor) -> List[int]:
+    """Images never classified as their target at any step ([batch, steps] -> indices)."""
+    return (~correct.any(1)).nonzero().flatten().tolist()
+
+
+def _short(idx: Sequence[int], k: int = 10) -> str:
+    idx = list(idx)
+    return str(idx) if len(idx) <= k else f"{idx[:k]} ... ({len(idx)} in all)"
+
+
+_AUC_WHY = (
+    "so the accuracy curve is 0 everywhere and the paper's AUC, sum(accuracy) / (max(accuracy) x n_patches), "
+    "is 0 / 0"
+)
+_AUC_ADVICE = (
+    "Drop the images whose target is not the model's top-1 class, or pass targets='pred' (each image's own "
+    "top-1 class); prob_auc (the same normalisation on the target probability) stays defined unless that "
+    "probability is 0 at every step."
+)
 
 
 @dataclass
@@ -613,8 +648,25 @@ class PerturbationCurve:
 
     @property
     def auc(self) -> float:
-        """The paper's AUC of the accuracy curve (see :func:`perturbation_auc`)."""
-        return perturbation_auc(self.accuracy, self.n_patches)
+        """The paper's AUC of the accuracy curve (see :func:`perturbation_auc`).
+
+        NaN, with an :class:`UndefinedAUCWarning` that names the images, when no image is
+        classified as its target at any evaluated step (the AUC's normalisation is 0 / 0).
+        """
+        value = perturbation_auc(self.accuracy, self.n_patches)
+        if math.isnan(value):
+            warnings.warn(
+                f"{self.mode} perturbation AUC is undefined (NaN): images {_short(_never_correct(self.correct))} "
+                f"(all of them) are never classified as their target at any of the {len(self.n_kept)} steps, "
+                f"{_AUC_WHY}. {_AUC_ADVICE}",
+                UndefinedAUCWarning, stacklevel=2,
+            )
+        return value
+
+    @property
+    def undefined(self) -> bool:
+        """Whether :attr:`auc` is undefined (the accuracy is 0 at every step)."""
+        return not bool(self.correct.any())
 
     @property
     def prob_auc(self) -> float:
@@ -653,7 +705,8 @@ def perturbation_curve(
 
     Args:
         images: a normalised batch [batch, C, H, W] (or anything ``model.preprocess`` accepts).
-        targets: the class each image should be recognised as (see :func:`resolve_targets`).
+        targets: the class each image should be recognised as (see :func:`vit_lens.core.resolve_targets`;
+            ``"pred"``: the model's own prediction on the full image).
         maps: importance maps [batch, rows, cols] (or [batch, n_patches]); larger = more important.
         order: alternatively, patch indices from most to least important [batch, n_patches].
         mode: ``"negative"`` removes the least important tokens first (keeps the top-n; a good map
@@ -683,7 +736,7 @@ def perturbation_curve(
     order = torch.as_tensor(order).long().to(x_all.device)
     if tuple(order.shape) != (B, N):
         raise InputError(f"order must be [batch={B}, n_patches={N}], got {tuple(order.shape)}")
-    t = resolve_targets(model, targets, B).to(x_all.device)
+    t = resolve_targets(model, targets, B, images=x_all, batch_size=batch_size).to(x_all.device)
     n_list = _resolve_steps(steps, N)
     correct = torch.zeros(B, len(n_list), dtype=torch.bool)
     probs = torch.zeros(B, len(n_list))
@@ -743,24 +796,73 @@ def compare_perturbation(
         ``(table, curves)``: a pandas table with one row per method and mode (columns method, mode,
         auc, auc_std (across seeds, random only), prob_auc, n_images, n_patches, n_steps) and a dict
         ``(method, mode) -> PerturbationCurve`` (a list of curves for ``"random"``).
+
+    Undefined AUCs: when no image is classified as its target at any evaluated step of a run (e.g. a
+    single image whose target is not the model's top-1 class), that run's accuracy curve is all zero
+    and its AUC ``sum / (max x n_patches)`` is 0 / 0: the row's ``auc`` is NaN (for ``"random"``: NaN
+    when any seed's is, not a mean over the others) and one :class:`UndefinedAUCWarning` names the
+    runs and the images that are not classified as their target even with every token kept, and
+    says what to do (drop them, or ``targets="pred"`` for each image's own prediction). ``prob_auc``
+    stays defined unless the target probability underflows to 0 at every step.
     """
     import pandas as pd
 
     x_all = as_batch(model, images)
-    rows_out, curves = [], {}
+    # "pred": each image's prediction, computed once for all runs
+    targets = resolve_targets(model, targets, len(x_all), images=x_all, batch_size=batch_size)
+    rows_out, curves, undefined = [], {}, []
+
+    def auc_of(c: PerturbationCurve) -> float:
+        return perturbation_auc(c.accuracy, c.n_patches)  # NaN when undefined; reported once below
+
     seeds = list(random_seeds)
     for mode in modes:
         for name, m in maps.items():
             c = perturbation_curve(model, x_all, targets, m, mode=mode, steps=steps, batch_size=batch_size, progress=progress)
             curves[(name, mode)] = c
-            rows_out.append(dict(method=name, mode=mode, auc=c.auc, auc_std=float("nan"), prob_auc=c.prob_auc,
+            if c.undefined:
+                undefined.append(f"{name}/{mode}")
+            rows_out.append(dict(method=name, mode=mode, auc=auc_of(c), auc_std=float("nan"), prob_auc=c.prob_auc,
                                  n_images=len(x_all), n_patches=c.n_patches, n_steps=len(c.n_kept)))
         if seeds:
             rc = random_perturbation_curves(model, x_all, targets, seeds=seeds, mode=mode, steps=steps,
                                             batch_size=batch_size, progress=progress)
             curves[("random", mode)] = rc
-            aucs = np.array([c.auc for c in rc])
-            rows_out.append(dict(method="random", mode=mode, auc=float(np.nanmean(aucs)),
-                                 auc_std=float(np.nanstd(aucs)), prob_auc=float(np.nanmean([c.prob_auc for c in rc])),
+            bad = [s_ for s_, c in zip(seeds, rc) if c.undefined]
+            if bad:
+                undefined.append(f"random/{mode} (seeds {bad})")
+            # the mean over seeds is undefined when one seed's AUC is: NaN, not a mean of the others
+            aucs = np.array([auc_of(c) for c in rc])
+            rows_out.append(dict(method="random", mode=mode, auc=float(aucs.mean()),
+                                 auc_std=float(aucs.std()),
+                                 prob_auc=float(np.mean([c.prob_auc for c in rc])),
                                  n_images=len(x_all), n_patches=rc[0].n_patches, n_steps=len(rc[0].n_kept)))
+    if undefined:
+        warnings.warn(_undefined_auc_message(model, x_all, targets, undefined, batch_size), UndefinedAUCWarning,
+                      stacklevel=2)
     return pd.DataFrame(rows_out), curves
+
+
+def _undefined_auc_message(model, x_all: Tensor, targets: Target, rows: List[str], batch_size: int) -> str:
+    """Why some AUCs of compare_perturbation are NaN: which images are not top-1 with every token kept."""
+    t = resolve_targets(model, targets, len(x_all), images=x_all, batch_size=batch_size)
+    with torch.no_grad():
+        pred = torch.cat([model(x_all[s]).argmax(-1) for s in chunks(len(x_all), batch_size)])
+    wrong = (pred != t).nonzero().flatten().tolist()
+    names = model.class_names or []
+
+    def nm(i: int) -> str:
+        return repr(names[i]) if i < len(names) else repr(f"class {i}")
+
+    detail = "; ".join(f"image {i}: target {nm(int(t[i]))}, top-1 {nm(int(pred[i]))}" for i in wrong[:5])
+    if len(wrong) > 5:
+        detail += f"; ... ({len(wrong)} images in all)"
+    if wrong:
+        why = (f"{len(wrong)} of the {len(x_all)} images are not classified as their target even with every token "
+               f"kept ({detail})")
+        if len(wrong) < len(x_all):
+            why += f"; the other {len(x_all) - len(wrong)} lose their target once tokens are removed"
+    else:
+        why = "every image is classified as its target with all tokens kept, but loses it once tokens are removed"
+    return (f"AUC undefined (NaN) for {', '.join(rows)}: in those runs no image is classified as its target at any "
+            f"evaluated step (n = 1 .. n_patches - 1 kept tokens), {_AUC_WHY}. {why}. {_AUC_ADVICE}")
