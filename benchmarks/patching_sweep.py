@@ -321,9 +321,10 @@ def run_sweep(
     finally:
         manifest = write_manifest()
         if not interrupted and manifest["n_done"]:  # Ctrl-C: leave at once (a rerun rewrites them)
-            write_table(out)
+            recs = load_results(out)
+            write_table(out, recs)
             if figure:
-                write_figure(out)
+                write_figure(out, recs)
     return manifest
 
 
@@ -332,15 +333,16 @@ def load_results(out_dir: os.PathLike) -> List[Dict[str, Any]]:
     return [torch.load(p, weights_only=False) for _, p in sorted(_done(Path(out_dir) / "results").items())]
 
 
-def results_table(out_dir: os.PathLike):
+def results_table(out_dir: os.PathLike, records: Optional[List[Dict[str, Any]]] = None):
     """Every finished image's results as one tidy ``pandas.DataFrame``, one row per (image, layer,
     position): ``key, image, target, layer, pos, token, row, col, value, normalized, clean,
-    corrupted`` (``row``/``col``: the patch's place on the grid, NaN for prefix tokens)."""
+    corrupted`` (``row``/``col``: the patch's place on the grid, NaN for prefix tokens).
+    ``records``: :func:`load_results` of ``out_dir`` when already loaded."""
     import numpy as np
     import pandas as pd
 
     frames = []
-    for r in load_results(out_dir):
+    for r in load_results(out_dir) if records is None else records:
         values, norm = r["values"].numpy(), r["normalized"].numpy()  # [layer, pos]
         n_l, n_p = values.shape
         pos = np.asarray(r["positions"].numpy(), dtype=np.int64)
@@ -363,23 +365,24 @@ def results_table(out_dir: os.PathLike):
     return pd.concat(frames, ignore_index=True)
 
 
-def write_table(out_dir: os.PathLike) -> Path:
+def write_table(out_dir: os.PathLike, records: Optional[List[Dict[str, Any]]] = None) -> Path:
     """``sweep.parquet``: :func:`results_table` of every finished image (written atomically)."""
     path = Path(out_dir) / "sweep.parquet"
-    df = results_table(out_dir)
+    df = results_table(out_dir, records)
     _atomic_write_bytes(path, lambda f: df.to_parquet(f, index=False))
     return path
 
 
-def write_figure(out_dir: os.PathLike) -> Path:
-    """``sweep.html``: mean normalised patching effect, layer x position and on the patch grid."""
+def write_figure(out_dir: os.PathLike, records: Optional[List[Dict[str, Any]]] = None) -> Path:
+    """``sweep.html``: mean normalised patching effect, layer x position and on the patch grid.
+    ``records``: :func:`load_results` of ``out_dir`` when already loaded."""
     import numpy as np
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from vit_lens.plot import save_html
 
-    recs = load_results(out_dir)
+    recs = load_results(out_dir) if records is None else records
     norm = torch.stack([r["normalized"] for r in recs]).numpy()  # [image, layer, pos]
     with np.errstate(all="ignore"):
         mean = np.nanmean(norm, axis=0)
