@@ -17,10 +17,13 @@ Targets (issue 2): forward <= 1.10x timm, run_with_cache <= 1.6x timm.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleaved  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 TARGETS = {"hooked forward": 1.10, "run_with_cache": 1.60}
 
@@ -56,25 +59,15 @@ def main(argv=None) -> int:
         return cache
 
     variants = {"timm forward": run_timm, "hooked forward": run_hooked, "run_with_cache": run_cache}
-    names = list(variants)
-    times = {k: [] for k in variants}
     with torch.inference_mode():
         # sanity: the thing we time is the thing we test
         diff = (run_timm() - run_hooked()).abs().max().item()
         cache = run_cache()
         n_hooks = len(cache)
         del cache
-        for _ in range(args.warmup):
-            for fn in variants.values():
-                fn()
-        for r in range(args.reps):
-            for name in names[r % 3:] + names[: r % 3]:  # rotate the order: no variant always runs first
-                t0 = time.perf_counter()
-                out = variants[name]()
-                times[name].append(time.perf_counter() - t0)
-                del out
+        # rotated order: no variant always runs first
+        times = interleaved(variants, reps=args.reps, warmup=args.warmup, rotate=True)
 
-    base = statistics.median(times["timm forward"])
     print(
         f"{args.model}, batch {args.batch}, CPU float32, {torch.get_num_threads()} threads, "
         f"{args.reps} interleaved reps; max |logit diff| vs timm {diff:.2e}; "
@@ -82,17 +75,17 @@ def main(argv=None) -> int:
     )
     print(f"{'variant':<16} {'median ms':>10} {'min ms':>8} {'ratio':>7} {'paired':>7}  target")
     ok = True
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        ratio = med / base
+    for name in variants:
+        med = times.median(name)
+        ratio = times.ratio(name, "timm forward")
         # median over repetitions of (this variant / timm in the same repetition): robust to drifts in load
-        paired = statistics.median(a / b for a, b in zip(ts, times["timm forward"]))
+        paired = times.paired(name, "timm forward")
         target = TARGETS.get(name)
         flag = ""
         if target is not None:
             flag = f"<= {target:.2f}" + ("" if ratio <= target else "  MISSED")
             ok &= ratio <= target
-        print(f"{name:<16} {med * 1e3:>10.1f} {min(ts) * 1e3:>8.1f} {ratio:>6.2f}x {paired:>6.2f}x  {flag}")
+        print(f"{name:<16} {med * 1e3:>10.1f} {times.min(name) * 1e3:>8.1f} {ratio:>6.2f}x {paired:>6.2f}x  {flag}")
     print("ratio = median / median of timm forward (the target); paired = median of per-repetition ratios")
     return 0 if ok else 1
 

@@ -19,10 +19,13 @@ Target (issue 4): total <= 2x the timm forward.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Timings  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 TARGET = 2.0
 
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     if args.mode == "dla" and model.ln_final is not None:
         names.append("ln_final.hook_scale")
 
-    times = {"timm forward": [], "cached forward": [], "identifiability": [], "total": []}
+    times = Timings(["timm forward", "cached forward", "identifiability", "total"])
     with torch.inference_mode():
         # correctness first: the last block's [CLS] ranks equal timm's own ranking
         _, cache = model.run_with_cache(x, names_filter=names)
@@ -63,29 +66,24 @@ def main(argv=None) -> int:
         if cfg.pooling == "token" and args.mode == "paper":
             assert torch.equal(res.rank[-1, :, 0], ref), "identifiability disagrees with timm's ranking"
         del cache, res
+        # the steps of one pipeline, in turns per repetition (the analysis needs that repetition's cache)
         for i in range(args.warmup + args.reps):
-            t0 = time.perf_counter()
-            tm(x)
-            t1 = time.perf_counter()
-            _, cache = model.run_with_cache(x, names_filter=names)
-            t2 = time.perf_counter()
-            cs.identifiability(model, cache, target, mode=args.mode)
-            t3 = time.perf_counter()
+            keep = i >= args.warmup
+            times.timed("timm forward" if keep else None, lambda: tm(x))
+            (_, cache), t_cache = times.timed("cached forward" if keep else None,
+                                              lambda: model.run_with_cache(x, names_filter=names))
+            _, t_ident = times.timed("identifiability" if keep else None,
+                                     lambda: cs.identifiability(model, cache, target, mode=args.mode))
             del cache
-            if i >= args.warmup:
-                times["timm forward"].append(t1 - t0)
-                times["cached forward"].append(t2 - t1)
-                times["identifiability"].append(t3 - t2)
-                times["total"].append(t3 - t1)
+            if keep:
+                times.add("total", t_cache + t_ident)
 
-    base = statistics.median(times["timm forward"])
     print(f"{args.model}, batch {args.batch}, {cfg.n_layers} layers x {cfg.n_ctx} tokens x {cfg.n_classes} classes, "
           f"mode {args.mode}, {torch.get_num_threads()} threads, median of {args.reps}")
     print(f"{'variant':<18}{'seconds':>10}{'x timm':>9}")
-    for k, v in times.items():
-        m = statistics.median(v)
-        print(f"{k:<18}{m:>10.3f}{m / base:>9.2f}")
-    ratio = statistics.median(times["total"]) / base
+    for k in times:
+        print(f"{k:<18}{times.median(k):>10.3f}{times.ratio(k, 'timm forward'):>9.2f}")
+    ratio = times.ratio("total", "timm forward")
     ok = ratio <= TARGET
     print(f"identifiability (cached forward + analysis) / timm forward = {ratio:.2f} "
           f"(target <= {TARGET:.1f}): {'OK' if ok else 'MISSED'}")

@@ -3,9 +3,9 @@
     python benchmarks/bench_knockout.py [--model vit_base_patch16_224] [--batch 8] [--reps 7] [--threads 2]
 
 Random-initialised weights (speed does not depend on them), CPU, float32, ``torch.inference_mode``.
-Variants are timed with their repetitions interleaved (so that load from other processes on the
-machine hits all of them alike); the median of each is reported with its ratio to the plain
-HookedViT forward:
+Variants are timed with their repetitions interleaved, in rotated order (``benchmarks/_timing.py``,
+so that load from other processes on the machine hits all of them alike); the median of each is
+reported with its ratio to the plain HookedViT forward:
 
 * ``timm forward`` -- the reference model itself;
 * ``HookedViT forward`` -- ``model(images)``, no hooks (fused attention);
@@ -22,10 +22,13 @@ Target (issue 5): knockout in every layer (mode "mask", pattern not hooked) <= 1
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleaved  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 TARGET = 1.3
 
@@ -71,23 +74,15 @@ def main(argv=None) -> int:
         'knockout self_only, mode="paper" (all layers, pattern materialised)': knock("self_only", "paper"),
         'context ablation, method="attention" (half the patches)': ctx,
     }
-    times = {k: [] for k in variants}
     with torch.inference_mode():
-        for _ in range(args.warmup):
-            for f in variants.values():
-                f()
-        for _ in range(args.reps):
-            for k, f in variants.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    base = med["HookedViT forward"]
+        times = interleaved(variants, reps=args.reps, warmup=args.warmup, rotate=True)
+    med = {k: times.median(k) for k in variants}
     print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.reps} interleaved reps\n")
     print("| variant | median | vs HookedViT forward | vs timm |")
     print("|---|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v * 1e3:.0f} ms | {v / base:.2f}x | {v / med['timm forward']:.2f}x |")
+        print(f"| {k} | {v * 1e3:.0f} ms | {times.ratio(k, 'HookedViT forward'):.2f}x | {times.ratio(k, 'timm forward'):.2f}x |")
+    base = med["HookedViT forward"]
     worst = max(med[k] for k in variants if 'mode="mask"' in k) / base
     print(f"\ntarget: knockout in every layer (mask mode, pattern not hooked) <= {TARGET}x the plain forward: "
           f"{'MET' if worst <= TARGET else 'NOT MET'} ({worst:.2f}x)")

@@ -36,11 +36,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Timings  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TARGET = 4.0
@@ -80,11 +82,6 @@ def flop_ratio(cfg, n_pos: int) -> float:
     naive = L * n_pos * full
     batched = 2 * full + n_pos * sum((L - 1 - l) * f["block"] + f["pruned_block"] + f["head"] for l in range(L))
     return naive / batched
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> int:
@@ -140,35 +137,28 @@ def main(argv=None) -> int:
     per_layer = P if args.naive_runs <= 0 else max(1, args.naive_runs // L)
     subset = {l: rng.sample(range(P), min(per_layer, P)) for l in range(L)}
     naive(0, 1)  # warm-up
-    naive_vals, naive_times, batched_times, values, plain_times = {}, [], [], [], []
+    naive_vals, values = {}, []
+    times = Timings(["naive run", "batched layer", "plain forward"])  # seconds per naive run / per layer's sweep
 
     def time_naive(pairs):
         for l, q in pairs:
-            _sync(device)
-            t = time.perf_counter()
-            naive_vals[(l, q)] = naive(l, q)  # float(): waits for the device
-            naive_times.append(time.perf_counter() - t)
+            naive_vals[(l, q)], _ = times.timed("naive run", lambda: naive(l, q), device)  # float(): waits
 
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for l in tqdm(range(L), desc="layers (batched sweep + naive subset, interleaved)"):
         half = len(subset[l]) // 2
         time_naive([(l, q) for q in subset[l][:half]])
-        _sync(device)
-        t = time.perf_counter()
-        r = patch_positions_sweep(model, clean, corrupted, metric, layers=[l], memory_mb=args.memory_mb, progress=False)
-        batched_times.append(time.perf_counter() - t)  # results come back on the CPU: synchronised
-        values.append(r.values[0])
+        r, _ = times.timed("batched layer", lambda: patch_positions_sweep(
+            model, clean, corrupted, metric, layers=[l], memory_mb=args.memory_mb, progress=False), device)
+        values.append(r.values[0])  # results come back on the CPU: synchronised
         time_naive([(l, q) for q in subset[l][half:]])
         with torch.inference_mode():
-            _sync(device)
-            t = time.perf_counter()
-            model(corrupted)
-            _sync(device)
-            plain_times.append(time.perf_counter() - t)
+            times.timed("plain forward", lambda: model(corrupted), device)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     res_values = torch.stack(values)  # [layer, pos, batch]
-    batched_s = sum(batched_times)
-    per_run = statistics.mean(naive_times)
+    batched_s = times.total("batched layer")
+    per_run = times.mean("naive run")
+    n_naive = times.count("naive run")
     naive_total = per_run * L * P
     diffs = [abs(res_values[l, q, 0].item() - v) for (l, q), v in naive_vals.items()]
     denom = float(clean_m - corr_m)
@@ -176,17 +166,17 @@ def main(argv=None) -> int:
     print()
     print("| variant | runs timed | time | per patched run | ratio vs naive |")
     print("|---|---|---|---|---|")
-    how = "" if len(naive_times) == L * P else " (extrapolated)"
-    print(f"| naive run_with_hooks loop{how} | {len(naive_times)} of {L * P} | {naive_total:.0f} s | "
+    how = "" if n_naive == L * P else " (extrapolated)"
+    print(f"| naive run_with_hooks loop{how} | {n_naive} of {L * P} | {naive_total:.0f} s | "
           f"{per_run * 1e3:.0f} ms | 1.00x |")
     print(f"| batched patch_positions_sweep | {L * P} | {batched_s:.0f} s | {batched_s / (L * P) * 1e3:.0f} ms | "
           f"{naive_total / batched_s:.2f}x faster |")
     print()
     print(f"batched sweep timed per layer (one patch_positions_sweep call per layer, baselines included), "
           f"interleaved with the naive runs of that layer; load average {load0:.1f} -> {load1:.1f}")
-    print(f"naive per-run time: median {statistics.median(naive_times) * 1e3:.0f} ms, "
-          f"min {min(naive_times) * 1e3:.0f} ms, max {max(naive_times) * 1e3:.0f} ms; "
-          f"a plain batch-1 forward (no hooks), timed alongside: median {statistics.median(plain_times) * 1e3:.0f} ms")
+    print(f"naive per-run time: median {times.median('naive run') * 1e3:.0f} ms, "
+          f"min {times.min('naive run') * 1e3:.0f} ms, max {times.max('naive run') * 1e3:.0f} ms; "
+          f"a plain batch-1 forward (no hooks), timed alongside: median {times.median('plain forward') * 1e3:.0f} ms")
     print(f"identical results on the {len(diffs)} naive runs: max |metric diff| = {max(diffs):.2e}, "
           f"max |normalised diff| = {max(ndiffs):.2e} (clean {float(clean_m):.4f}, corrupted {float(corr_m):.4f})")
     print(f"matmul FLOPs, naive loop / batched sweep: {flop_ratio(model.cfg, P):.2f}x (the most an exact "

@@ -1,6 +1,7 @@
 """Make the README figures from the real ViT-Ti/16 checkpoint and the labelled photos in ../shared.
 
     python docs/make_figures.py            # writes docs/identifiability.svg/.png, docs/cat_identifiability.png
+    python docs/make_figures.py --help     # this text; writes nothing
 
 The figures are the very plotly figures :mod:`vit_lens.plot` returns, drawn to static files by
 ``docs/render.py`` (plotly's own static export needs a browser, which an offline machine lacks).
@@ -12,6 +13,7 @@ Environment: ``VIT_LENS_CHECKPOINTS`` (default ``../shared/weights``), ``VIT_LEN
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import sys
@@ -26,10 +28,22 @@ SHARED = Path(os.environ.get("VIT_LENS_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("VIT_LENS_CHECKPOINTS", str(SHARED / "weights"))
 sys.path.insert(0, str(DOCS))
 
-import render  # noqa: E402  (docs/render.py)
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python docs/make_figures.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Writes docs/identifiability.svg, docs/identifiability.png and docs/cat_identifiability.png and "
+               "prints the numbers behind them. Environment: VIT_LENS_CHECKPOINTS (default ../shared/weights), "
+               "VIT_LENS_SHARED (default ../shared).",
+    )
+    return p.parse_args(argv)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parse_args(argv)  # --help prints and exits before anything is loaded or written
+    import render  # docs/render.py
+
     from vit_lens import HookedViT, plot
     from vit_lens import class_space as cs
 

@@ -143,3 +143,27 @@ def test_real_model_on_sample_images(real_vit, real_deit):
         top = logits.topk(3).indices
         assert 281 in top[0].tolist()
         assert top[1, 0] == 967 and top[2, 0] == 652
+
+
+def test_small_image_warns_with_name_and_factor(pair, tmp_path):
+    """An image whose short side is under half the input's (224 here) is upscaled with a warning
+    naming it and the factor; at half or more there is none. The output is unchanged by the warning."""
+    import warnings
+
+    from vit_lens.preprocess import SmallImageWarning
+
+    _, m = pair
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.full((10, 10, 3), 128, dtype=np.uint8)).save(tiny)
+    with pytest.warns(SmallImageWarning, match=r"tiny\.png is 10x10 pixels.*about 22x") as rec:
+        x = m.preprocess([str(tiny)])
+    assert len(rec) == 1 and x.shape == (1, 3, 224, 224)
+    # a PIL image is named by its index in the batch; 111 px short side (< 112) warns, 112 does not
+    ok = Image.fromarray(np.zeros((112, 300, 3), dtype=np.uint8))
+    small = Image.fromarray(np.zeros((300, 111, 3), dtype=np.uint8))
+    with pytest.warns(SmallImageWarning, match=r"image 1 \(Image\) is 111x300") as rec:
+        m.preprocess([ok, small], mode="paper")
+    assert len(rec) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.preprocess([ok])

@@ -1,28 +1,40 @@
 """The ``vit-lens`` command.
 
-``vit-lens identify IMAGE... [--model NAME] [--label CLASS] [--out FILE.html] [--checkpoint PATH] [--baseline]``
-runs the class-embedding-space analysis on images: it prints each image's top classes and a
-per-layer class-identifiability table for the [CLS] token and the image tokens, and writes an
-interactive HTML figure. With no image it runs on the built-in sample image (a tabby cat).
+``vit-lens identify [IMAGE|FOLDER...] [--model NAME] [--label CLASS | --labels labels.csv] [--out FILE.html]
+[--checkpoint PATH] [--baseline]`` runs the class-embedding-space analysis on images: it prints each
+image's top classes and a per-layer class-identifiability table for the [CLS] token and the image
+tokens, and writes an interactive HTML figure. With no image it runs on the built-in sample image (a
+tabby cat), or on the images listed in ``--labels``.
 
-Errors in what the user typed (unknown model, missing file, unknown class) print one line and exit
-with status 2; ``--traceback`` shows the full traceback instead.
+Every input is checked (it exists and is a readable image) before the model is loaded, and all the
+bad ones are reported together. Errors in what the user typed (unknown model, missing file, unknown
+class) print one line and exit with status 2; ``--traceback`` (before or after ``identify``) shows
+the full traceback instead. Warnings (e.g. a tiny image that is upscaled a lot) print as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 DEFAULT_OUT = "vit-lens-identify.html"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 class UsageError(Exception):
     """A problem with the command line (reported without a traceback)."""
+
+
+def _version() -> str:
+    from vit_lens import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vit-lens",
         description="Mechanistic interpretability of Vision Transformers in class embedding space.",
     )
+    p.add_argument("--version", action="version", version=f"vit-lens {_version()}")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     idp = sub.add_parser(
@@ -42,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
             "the share of images with at least one such token."
         ),
     )
+    # also accepted after the subcommand; SUPPRESS keeps the top-level value when it is not given here
+    idp.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                     help="show full tracebacks on errors")
     idp.add_argument("images", nargs="*", metavar="IMAGE",
-                     help="image files (default: the built-in sample image 'chelsea', a tabby cat)")
+                     help="image files or folders (a folder: every image file under it, recursively, sorted); "
+                          "default: the images of --labels, else the built-in sample image 'chelsea', a tabby cat")
     idp.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"timm model name, optionally with a pretrained tag (default {DEFAULT_MODEL})")
     idp.add_argument("--checkpoint", metavar="PATH",
@@ -51,13 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     idp.add_argument("--label", metavar="CLASS",
                      help="target class for every image: a class name ('tabby cat'), index or WordNet id "
                           "(default: each image's top-1 prediction)")
+    idp.add_argument("--labels", metavar="LABELS.csv",
+                     help="per-image target classes from a CSV with columns path,class_index (further columns "
+                          "ignored; paths relative to the CSV's folder); its images are used when no IMAGE is "
+                          "given, and every IMAGE given must be listed in it")
     idp.add_argument("--out", metavar="FILE.html", default=DEFAULT_OUT,
                      help=f"where to write the interactive figure (default {DEFAULT_OUT}; '-' for none)")
     idp.add_argument("--mode", choices=("paper", "dla"), default="paper",
                      help="projection: 'paper' (each token through the final norm with its own statistics and the "
                           "classifier; default) or 'dla' (frozen final-norm scale, no bias)")
-    idp.add_argument("--preprocess", choices=("paper", "timm"), default="paper",
-                     help="'paper': resize to the input size without cropping (default); 'timm': the model's eval transform")
+    idp.add_argument("--preprocess", choices=("timm", "paper"), default="timm",
+                     help="'timm': the model's own timm eval transform (resize, center crop, normalise; default, "
+                          "as everywhere in vit_lens); 'paper': resize to the input size without cropping, as "
+                          "Vilas et al.")
     idp.add_argument("--baseline", action="store_true",
                      help="also run a randomly initialised twin of the model (seed 0) on the same images, as a baseline")
     idp.add_argument("--top-k", type=int, default=5, help="top classes to print per image (default 5)")
@@ -78,14 +101,98 @@ def _sample_image() -> Path:
         raise UsageError("no image given and the built-in sample image is missing; pass IMAGE paths") from None
 
 
-def _check_images(images: Sequence[str]) -> List[Path]:
-    paths = []
+def _expand_inputs(images: Sequence[str]) -> Tuple[List[Path], List[str]]:
+    """IMAGE arguments -> (paths, problems). A folder gives every image file under it (sorted); one
+    line per folder says how many were found. A folder without images is a problem."""
+    paths: List[Path] = []
+    problems: List[str] = []
     for s in images:
         p = Path(s).expanduser()
-        if not p.is_file():
-            raise UsageError(f"no image file at {s!r}" + (" (it is a folder)" if p.is_dir() else ""))
-        paths.append(p)
-    return paths
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append(f"folder {s!r} has no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+            else:
+                print(f"{s}: {len(found)} image{'s' * (len(found) != 1)} found", file=sys.stderr)
+            paths += found
+        else:
+            paths.append(p)
+    return paths, problems
+
+
+def _image_problem(p: Path) -> Optional[str]:
+    """Why ``p`` cannot be used as an image (None when it can): missing, unreadable, not an image."""
+    if not p.exists():
+        return f"no image file at {str(p)!r}"
+    if not p.is_file():
+        return f"{str(p)!r} is not a file"
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            im.load()
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... on bad files
+        return f"{str(p)!r} is not a readable image ({type(e).__name__}: {e})"
+    return None
+
+
+def _check_images(paths: Sequence[Path], problems: Sequence[str] = ()) -> List[Path]:
+    """Refuse, all at once, every path that is not a readable image (before any model is loaded)."""
+    bad = list(problems) + [m for m in (_image_problem(p) for p in paths) if m is not None]
+    if bad:
+        if len(bad) == 1:
+            raise UsageError(bad[0])
+        raise UsageError(f"{len(bad)} inputs cannot be used:\n  " + "\n  ".join(bad))
+    return list(paths)
+
+
+def _read_labels(csv_path: str) -> Dict[Path, int]:
+    """``--labels``: resolved image path -> class index, in the CSV's order."""
+    f = Path(csv_path).expanduser()
+    if not f.is_file():
+        raise UsageError(f"--labels: no CSV file at {csv_path!r}")
+    try:
+        with open(f, newline="") as fh:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            if "path" not in cols or "class_index" not in cols:
+                raise UsageError(f"--labels: {csv_path} needs the columns path,class_index (it has: {', '.join(cols) or 'none'})")
+            out: Dict[Path, int] = {}
+            for n, row in enumerate(reader, start=2):
+                try:
+                    c = int(row["class_index"])
+                except (TypeError, ValueError):
+                    raise UsageError(f"--labels: {csv_path} line {n}: class_index {row['class_index']!r} is not an integer") from None
+                if not row["path"]:
+                    raise UsageError(f"--labels: {csv_path} line {n}: empty path")
+                out[(f.parent / row["path"]).expanduser().resolve()] = c
+    except UnicodeDecodeError:
+        raise UsageError(f"--labels: {csv_path} is not a text CSV file") from None
+    if not out:
+        raise UsageError(f"--labels: {csv_path} lists no images")
+    return out
+
+
+def _inputs(args: argparse.Namespace) -> Tuple[List[Path], Optional[List[int]]]:
+    """The images to run and, with ``--labels``, their class indices. Checked before the model loads."""
+    if args.label is not None and args.labels is not None:
+        raise UsageError("give either --label (one class for every image) or --labels (a CSV of per-image classes), not both")
+    labels = _read_labels(args.labels) if args.labels is not None else None
+    if args.images:
+        paths, problems = _expand_inputs(args.images)
+    elif labels is not None:
+        paths, problems = list(labels), []
+    else:
+        return [_sample_image()], None
+    paths = _check_images(paths, problems)
+    if labels is None:
+        return paths, None
+    missing = [p for p in paths if p.resolve() not in labels]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise UsageError(f"--labels: {len(missing)} image{'s' * (len(missing) > 1)} not listed in {args.labels}: "
+                         f"{shown}; add them to the CSV or leave them out")
+    return paths, [labels[p.resolve()] for p in paths]
 
 
 def _load_model(name: str, checkpoint: Optional[str], device: Optional[str]):
@@ -114,7 +221,7 @@ def identify_command(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise UsageError("--top-k and --batch-size must be positive")
-    paths = _check_images(args.images) if args.images else [_sample_image()]
+    paths, per_image = _inputs(args)  # every input checked before the (slow) model load
     model = _load_model(args.model, args.checkpoint, args.device)
     if model.unembed is None:
         raise UsageError(f"{model.cfg.model_name} is headless (no classifier), so it has no class space to analyse")
@@ -124,6 +231,13 @@ def identify_command(args: argparse.Namespace) -> int:
             target = model.class_index(args.label)
         except (KeyError, IndexError, TypeError) as e:
             raise UsageError(f"--label: {e.args[0] if e.args else e}") from None
+    elif per_image is not None:
+        n = model.cfg.n_classes
+        bad = sorted({c for c in per_image if not 0 <= c < n})
+        if bad:
+            raise UsageError(f"--labels: class_index {', '.join(map(str, bad[:10]))} out of range for "
+                             f"{model.cfg.model_name}'s {n} classes (valid: 0..{n - 1})")
+        target = torch.tensor(per_image, dtype=torch.long)
     names = model.class_names or [f"class {i}" for i in range(model.cfg.n_classes)]
 
     try:
@@ -152,7 +266,7 @@ def identify_command(args: argparse.Namespace) -> int:
         for j in range(k):
             c = int(top.indices[i, j])
             print(f"    {j + 1}. {names[c]}  (class {c}, p={float(top.values[i, j]):.3f})")
-        how = "--label" if args.label is not None else "top-1 prediction"
+        how = "--label" if args.label is not None else "--labels" if per_image is not None else "top-1 prediction"
         print(f"    target ({how}): {names[t]} (class {t}), rank {rank} in the model's output")
 
     n_img = len(paths)
@@ -198,6 +312,12 @@ def _write_figure(model, result, args, has_cls: bool, paths, base=None) -> Path:
     return plot.save_html(fig, args.out)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command: ``vit-lens: warning: <message>`` on one line."""
+    text = " ".join(str(message).split())
+    print(f"vit-lens: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``vit-lens`` console script. Returns the exit status."""
     parser = build_parser()
@@ -208,7 +328,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = args.traceback or bool(os.environ.get("VIT_LENS_TRACEBACK"))
     try:
         if args.command == "identify":
-            return identify_command(args)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return identify_command(args)
         parser.error(f"unknown command {args.command!r}")
     except UsageError as e:
         if debug:

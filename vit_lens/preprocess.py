@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, List, Literal
 
@@ -11,6 +12,45 @@ import torch
 from PIL import Image
 from torch import Tensor
 from vit_lens.core.errors import InputError, InputTypeError
+
+
+class SmallImageWarning(UserWarning):
+    """An image much smaller than the model's input, so preprocessing upscales it a lot."""
+
+
+#: warn when an image's short side is below this fraction of the model's input short side
+SMALL_IMAGE_FRACTION = 0.5
+
+
+def _describe(item: Any, i: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    return f"image {i} ({type(item).__name__})"
+
+
+def warn_if_small(image: Image.Image, input_size: Any, name: str = "image", *, stacklevel: int = 2) -> float:
+    """Warn (:class:`SmallImageWarning`) when ``image``'s short side is under half the model's input.
+
+    Args:
+        image: a PIL image (its ``size`` is ``(W, H)``).
+        input_size: the model's ``(C, H, W)`` input size (``data_config["input_size"]``).
+        name: how to name the image in the message (a path, or ``"image 3"``).
+
+    Returns:
+        The upscaling factor: input short side / image short side.
+    """
+    target = min(int(s) for s in tuple(input_size)[-2:])
+    short = max(1, min(image.size))
+    factor = target / short
+    if short < SMALL_IMAGE_FRACTION * target:
+        warnings.warn(
+            f"{name} is {image.size[0]}x{image.size[1]} pixels, so it is upscaled about {factor:.0f}x to the "
+            f"model's {target}-pixel input; results on such an image mostly reflect the interpolation "
+            "(use an image at least half the input size)",
+            SmallImageWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return factor
 
 
 def load_image(item: Any) -> Image.Image:
@@ -71,7 +111,11 @@ def build_transform(data_config: dict, mode: Literal["timm", "paper"] = "timm"):
 
 
 def preprocess_images(images: Any, data_config: dict, mode: Literal["timm", "paper"] = "timm") -> Tensor:
-    """Images -> [batch, chans, height, width] float32 tensor normalised with the model's mean/std."""
+    """Images -> [batch, chans, height, width] float32 tensor normalised with the model's mean/std.
+
+    An image whose short side is under half the model's input short side (e.g. 10x10 for a 224
+    input) is still processed, with a :class:`SmallImageWarning` naming it and the upscaling factor.
+    """
     items = _as_list(images)
     if not items:
         raise InputError("no images given")
@@ -83,4 +127,10 @@ def preprocess_images(images: Any, data_config: dict, mode: Literal["timm", "pap
         )
     transform = build_transform(data_config, mode)
     pil_mode = "L" if chans == 1 else "RGB"
-    return torch.stack([transform(load_image(x).convert(pil_mode)) for x in items])
+    input_size = data_config.get("input_size", (chans, 224, 224))
+    out = []
+    for i, x in enumerate(items):
+        im = load_image(x)
+        warn_if_small(im, input_size, _describe(x, i), stacklevel=2)
+        out.append(transform(im.convert(pil_mode)))
+    return torch.stack(out)

@@ -1,6 +1,6 @@
 """Token-removal (perturbation) evaluation of importance maps, and linear probes vs class-space projection.
 
-    python benchmarks/perturbation_eval.py [--models vit_tiny_patch16_224.augreg_in21k_ft_in1k,deit_tiny_patch16_224.fb_in1k]
+    python experiments/perturbation_eval.py [--models vit_tiny_patch16_224.augreg_in21k_ft_in1k,deit_tiny_patch16_224.fb_in1k]
         [--steps all|K] [--seeds 5] [--mode paper|timm] [--views 8] [--images ../shared/images] [--threads 2]
 
 For every model (real checkpoints from ``$VIT_LENS_CHECKPOINTS``, default ``../shared/weights``)

@@ -1,6 +1,6 @@
 """The paper's attention-knockout result on the real ViT-Ti and the labelled images.
 
-    python benchmarks/knockout_paper.py [--preprocess timm|paper] [--csv out.csv]
+    python experiments/knockout_paper.py [--preprocess timm|paper] [--csv out.csv]
 
 Vilas et al. (2023, Sec. 4) report, for ViT-B/32 on ImageNet, the percentage of image tokens
 whose last-layer projection onto the class embeddings has the correct class as top-1
