@@ -17,6 +17,7 @@ from timm.models.vision_transformer import ResPostBlock
 from conftest import REAL_VIT, WEIGHTS, make_timm, spread_families
 from vit_lens import HookedViT
 from vit_lens import class_space as cs
+from vit_lens.core import TokenLayout, position_mask
 
 TINY = dict(img_size=32, patch_size=8, depth=2)
 FAMILIES = {
@@ -95,7 +96,7 @@ def test_paper_identifiability_equals_timm_on_real_vit(real_vit, real_run):
     assert res.rank.shape == ref_rank.shape == (L, len(labels), 197)
     # per-layer summaries (the reported numbers) agree within 1e-4
     for pos in ("cls", "image"):
-        m = cs.position_mask(pos, len(labels), 197, 1)
+        m = position_mask(TokenLayout.from_counts(1, 197), pos, batch=len(labels))
         ref_mean = (ref_r * m).sum((1, 2)) / m.sum()
         ref_rate = ((ref_rank == 0) & m).sum((1, 2)).double() / m.sum()
         ref_any = ((ref_rank == 0) & m).any(2).double().mean(1)
@@ -288,7 +289,7 @@ def test_change_rate_categorical_updates_composition_vs_timm(families):
     tv = target.view(1, -1, 1)
     tl = {k: v.gather(-1, tv.unsqueeze(-1).expand(*v.shape[:3], 1))[..., 0] for k, v in lg.items()}
     rk = {k: _ref_rank(v, tv) for k, v in lg.items()}
-    img = cs.position_mask("image", 4, h.cfg.n_ctx, 1)
+    img = position_mask(h, "image", batch=4)
 
     # change rate: target logit after the block > before it, share of image tokens
     up = tl["out"] > tl["in"]
@@ -374,19 +375,6 @@ def test_by_mask_and_patch_mask(families):
     n_lab, n_ctx_ = 8, 2 * 16 - 8
     both = (torch.tensor(lab) * n_lab + torch.tensor(tab[tab.tokens == "context"].mean_r.values) * n_ctx_) / 32
     assert torch.allclose(both.float(), res.mean_r("image"), atol=1e-6)
-
-
-def test_position_mask_forms():
-    m = cs.position_mask("image", 2, 6, 2)
-    assert m.tolist() == [[False, False, True, True, True, True]] * 2
-    assert cs.position_mask("prefix", 1, 6, 2)[0].tolist() == [True, True, False, False, False, False]
-    assert cs.position_mask([0, -1], 1, 6, 2)[0].tolist() == [True, False, False, False, False, True]
-    patches = torch.tensor([True, False, False, True])
-    assert cs.position_mask(patches, 1, 6, 2)[0].tolist() == [False, False, True, False, False, True]
-    with pytest.raises(ValueError, match="position mask"):
-        cs.position_mask(torch.ones(5, dtype=torch.bool), 1, 6, 2)
-    with pytest.raises(ValueError, match="'image', 'prefix'"):
-        cs.position_mask("patches", 1, 6, 2)
 
 
 # ------------------------------------------------------------------ categorical updates, explicitly

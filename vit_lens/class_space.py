@@ -44,13 +44,26 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from vit_lens.config import resolve_layers
-from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError, UnknownNameError
+from vit_lens.core import (
+    BLOCK_HOOKS,
+    PRED,
+    as_batch,
+    chunks,
+    progress_bar,
+    Positions,
+    Target,
+    TokenLayout,
+    cache_get,
+    cache_has,
+    hook_names,
+    position_mask,
+    resolve_layers,
+    resolve_targets,
+)
+from vit_lens.core.errors import InputError
 
 Mode = Literal["paper", "dla"]
 BlockHook = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
-Target = Union[int, str, Sequence[Union[int, str]], Int[Tensor, "batch"]]
-Positions = Union[str, int, Sequence[int], Bool[Tensor, "..."], None]
 
 __all__ = [
     "CategoricalUpdates",
@@ -67,159 +80,24 @@ __all__ = [
     "identify",
     "logit_lens",
     "patch_mask",
-    "position_mask",
     "project",
     "random_twin",
     "readout_logits",
     "residual_composition",
-    "resolve_target",
     "target_logit",
     "top_classes",
 ]
 
-_BLOCK_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
 # =============================================================================================
 # small helpers
 # =============================================================================================
-def _require_class_space(model) -> None:
-    """A clear error for headless models without class directions (model.W_U raises it)."""
-    model.W_U  # noqa: B018  (property raises ValueError with instructions when there is no head)
-
-
-def _get(cache: Any, name: str, what: str = "") -> Tensor:
-    try:
-        return cache[name]
-    except KeyError:
-        raise UnknownNameError(
-            f"the cache has no {name!r}{' (' + what + ')' if what else ''}. Cache it: "
-            f"model.run_with_cache(images, names_filter=vit_lens.class_space.hook_names(model, ...)) "
-            "or run_with_cache without names_filter."
-        ) from None
-
-
-def _has(cache: Any, name: str) -> bool:
-    d = getattr(cache, "cache_dict", cache)
-    return name in d
-
-
-def _layers(model, layers: Optional[Union[int, Sequence[int]]]) -> List[int]:
-    return resolve_layers(layers, model.cfg.n_layers)
-
-
 def _check_hook(hook: str) -> str:
     short = hook[5:] if hook.startswith("hook_") else hook
-    if short not in _BLOCK_HOOKS:
-        raise InputError(f"hook must be one of {list(_BLOCK_HOOKS)} (a per-block residual-stream hook), got {hook!r}")
+    if short not in BLOCK_HOOKS:
+        raise InputError(f"hook must be one of {list(BLOCK_HOOKS)} (a per-block residual-stream hook), got {hook!r}")
     return short
-
-
-def hook_names(model, *hooks: str, layers: Optional[Sequence[int]] = None) -> List[str]:
-    """Full hook names to cache for the given short names, e.g. for ``run_with_cache``.
-
-    Block-level short names (``"resid_post"``, ``"attn_out"``, ``"mlp_post"`` -> ``blocks.{l}.mlp.hook_post``,
-    ``"z"``/``"v"``/``"pattern"`` -> ``blocks.{l}.attn.hook_z`` ...) expand to every layer (or ``layers``);
-    full names (``"ln_final.hook_scale"``) are kept as they are.
-
-    Example::
-
-        _, cache = model.run_with_cache(x, names_filter=hook_names(model, "resid_post", "ln_final.hook_scale"))
-    """
-    ls = _layers(model, layers)
-    out: List[str] = []
-    for h in hooks:
-        if "." in h or h in ("hook_embed", "hook_pos_embed", "hook_pooled"):
-            names = [h]
-        elif h in _BLOCK_HOOKS:
-            names = [f"blocks.{l}.hook_{h}" for l in ls]
-        elif h in ("q", "k", "v", "z", "pattern", "attn_scores", "result"):
-            names = [f"blocks.{l}.attn.hook_{h}" for l in ls]
-        elif h in ("mlp_pre", "mlp_post"):
-            names = [f"blocks.{l}.mlp.hook_{h[4:]}" for l in ls]
-        else:
-            raise InputError(f"unknown short hook name {h!r}")
-        out += [n for n in names if n not in out]
-    return out
-
-
-def resolve_target(model, target: Target, batch: int) -> Int[Tensor, "batch"]:
-    """Target classes as a LongTensor [batch].
-
-    Args:
-        target: one class for every image (an index, or a name such as ``"tabby cat"``), or one per
-            image (a list of indices/names, or an int tensor [batch]).
-        batch: number of images.
-    """
-    _require_class_space(model)
-    dev = model.W_U.device
-    if target is None:
-        raise InputError("a target class is needed: an index, a class name, or one per image")
-    if isinstance(target, Tensor):
-        if target.is_floating_point():
-            raise InputTypeError(f"target must hold class indices (an integer tensor), got dtype {target.dtype}")
-        t = target.to(device=dev, dtype=torch.long).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(batch)
-    elif isinstance(target, (int, str)):
-        t = torch.full((batch,), model.class_index(target), dtype=torch.long, device=dev)
-    else:
-        t = torch.tensor([model.class_index(c) for c in target], dtype=torch.long, device=dev)
-    if t.shape[0] != batch:
-        raise InputError(f"{t.shape[0]} targets for a batch of {batch} images; give one target, or one per image")
-    n = model.cfg.n_classes
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
-        raise OutOfRangeError(f"target class index out of range for {n} classes: {t.tolist()}")
-    return t.contiguous()
-
-
-def position_mask(
-    positions: Positions, batch: int, n_pos: int, n_prefix: int
-) -> Bool[Tensor, "batch pos"]:
-    """Which sequence positions a summary covers, as a bool mask [batch, pos].
-
-    Args:
-        positions: ``"image"`` (the patch tokens, default everywhere), ``"prefix"`` (the
-            [CLS]/distillation/register tokens), ``"cls"`` (position 0), ``"all"``, a position
-            index or list of indices, or a bool tensor: [pos] / [batch, pos] over all positions,
-            or [n_patches] / [batch, n_patches] over the patch tokens only (e.g. the tokens of the
-            labelled object).
-    """
-    n_img = n_pos - n_prefix
-    if positions is None or (isinstance(positions, str) and positions == "image"):
-        m = torch.zeros(n_pos, dtype=torch.bool)
-        m[n_prefix:] = True
-    elif isinstance(positions, str):
-        m = torch.zeros(n_pos, dtype=torch.bool)
-        if positions == "prefix":
-            m[:n_prefix] = True
-        elif positions == "cls":
-            if n_prefix == 0:
-                raise InputError("positions='cls': this model has no class token")
-            m[0] = True
-        elif positions == "all":
-            m[:] = True
-        else:
-            raise InputError(
-                f"positions must be 'image', 'prefix', 'cls', 'all', indices or a bool mask, got {positions!r}"
-            )
-    elif isinstance(positions, Tensor) and positions.dtype == torch.bool:
-        m = positions.cpu()
-        if m.shape[-1] == n_img and n_img != n_pos:
-            m = torch.cat([torch.zeros(*m.shape[:-1], n_prefix, dtype=torch.bool), m], dim=-1)
-        if m.shape[-1] != n_pos or m.ndim not in (1, 2) or (m.ndim == 2 and m.shape[0] != batch):
-            raise InputError(
-                f"a position mask must be [pos={n_pos}], [batch={batch}, pos], [n_patches={n_img}] or "
-                f"[batch, n_patches]; got {tuple(positions.shape)}"
-            )
-    else:
-        idx = [int(positions)] if isinstance(positions, int) else [int(i) for i in positions]
-        for i in idx:
-            if not -n_pos <= i < n_pos:
-                raise OutOfRangeError(f"position {i} out of range for {n_pos} positions")
-        m = torch.zeros(n_pos, dtype=torch.bool)
-        m[[i % n_pos for i in idx]] = True
-    return m.expand(batch, n_pos) if m.ndim == 1 else m
 
 
 def patch_mask(
@@ -252,10 +130,6 @@ def patch_mask(
 # =============================================================================================
 # projection
 # =============================================================================================
-def _final_norms(model) -> list:
-    return [n for n in (model.ln_final, model.fc_norm) if n is not None]
-
-
 def final_scale(model, cache: Any) -> Float[Tensor, "batch pos"]:
     """The final norm's scale ``sqrt(var + eps)`` of the real residual stream, per position.
 
@@ -272,20 +146,20 @@ def final_scale(model, cache: Any) -> Float[Tensor, "batch pos"]:
         )
     last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
     if model.ln_final is not None:
-        if _has(cache, "ln_final.hook_scale"):
-            return _get(cache, "ln_final.hook_scale")[..., 0]
-        r = _get(cache, last, "needed for the final-norm scale in mode='dla'")
+        if cache_has(cache, "ln_final.hook_scale"):
+            return cache_get(cache, "ln_final.hook_scale")[..., 0]
+        r = cache_get(cache, last, "needed for the final-norm scale in mode='dla'")
         return _ln_scale(r, model.ln_final.eps)
     if model.fc_norm is not None:
-        if _has(cache, "fc_norm.hook_scale"):
-            s = _get(cache, "fc_norm.hook_scale")[..., 0]
+        if cache_has(cache, "fc_norm.hook_scale"):
+            s = cache_get(cache, "fc_norm.hook_scale")[..., 0]
             r = None
         else:
-            r = _get(cache, last, "needed for the final-norm scale in mode='dla'")
-            s = _ln_scale(_pool(model, r), model.fc_norm.eps)
+            r = cache_get(cache, last, "needed for the final-norm scale in mode='dla'")
+            s = _ln_scale(model.readout.pool(r), model.fc_norm.eps)
         n_pos = r.shape[1] if r is not None else _any_pos(cache, cfg)
         return s[:, None].expand(s.shape[0], n_pos)
-    r = _get(cache, last, "needed for the batch and position sizes")
+    r = cache_get(cache, last, "needed for the batch and position sizes")
     return r.new_ones(r.shape[:2])
 
 
@@ -300,16 +174,6 @@ def _any_pos(cache: Any, cfg) -> int:
 def _ln_scale(x: Tensor, eps: float) -> Tensor:
     x = x - x.mean(-1, keepdim=True)
     return (x.pow(2).mean(-1) + eps).sqrt()
-
-
-def _pool(model, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
-    """The model's pooling (no norm): [CLS] / [CLS, DIST] / mean of the patch tokens."""
-    p = model.cfg.pooling
-    if p == "token":
-        return resid[:, 0]
-    if p == "token_dist":
-        return resid[:, :2]
-    return resid[:, model.cfg.n_prefix_tokens:].mean(dim=1)
 
 
 def project(
@@ -340,68 +204,30 @@ def project(
     Returns:
         class scores [..., n_classes].
     """
-    _require_class_space(model)
-    if not isinstance(x, Tensor) or x.shape[-1] != model.cfg.d_model:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise InputError(f"project expects vectors [..., d_model={model.cfg.d_model}], got {shape}")
-    if mode == "paper":
-        return model.project_to_classes(x, head=head)
-    if mode != "dla":
-        raise InputError(f"mode must be 'paper' or 'dla', got {mode!r}")
-    if scale is None:
+    model.readout.require_head()
+    if mode == "dla" and scale is None:
         if cache is None:
             raise InputError(
                 "mode='dla' divides by the final norm's scale of the real residual stream: pass cache= "
                 "(the run's ActivationCache) or scale= ([batch, pos])"
             )
         scale = final_scale(model, cache)
-        if tuple(x.shape[:2]) != tuple(scale.shape):
+        if not isinstance(x, Tensor) or tuple(x.shape[:2]) != tuple(scale.shape):
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise InputError(
                 f"with cache=, x must be [batch, pos, ..., d_model] matching the cache's [batch, pos]="
-                f"{tuple(scale.shape)}; got {tuple(x.shape)}. Pass scale= explicitly for other layouts."
+                f"{tuple(scale.shape)}; got {got}. Pass scale= explicitly for other layouts."
             )
-    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
-    if scale.ndim > x.ndim - 1:
-        raise InputError(f"scale {tuple(scale.shape)} has more axes than x.shape[:-1]={tuple(x.shape[:-1])}")
-    scale = scale.reshape(*scale.shape, *([1] * (x.ndim - 1 - scale.ndim)), 1)
-    W = _dla_directions(model, head)
-    return (x / scale) @ W
-
-
-def _dla_directions(model, head: Optional[str] = None) -> Float[Tensor, "d_model n_classes"]:
-    """``class_directions()``, centred over d_model when the readout has a LayerNorm.
-
-    ``(x - mean(x)) . d == x . (d - mean(d))``, so centring the directions once is the same as
-    centring every vector.
-    """
-    W = model.class_directions(head) if head is not None else model.class_directions()
-    if _final_norms(model):
-        W = W - W.mean(dim=0, keepdim=True)
-    return W
+    return model.readout.project(x, mode, head=head, scale=scale)
 
 
 def readout_logits(model, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch n_classes"]:
-    """What the classifier would output if ``resid`` were the final residual stream.
-
-    The model's own final norm(s), pooling and classifier(s), exactly as in its forward pass but
-    as a pure function (no hooks fire). Applied to the last block's ``hook_resid_post`` it equals
-    the model's logits; applied to an earlier block's it is a "logit lens" of the pooled readout.
-    """
-    _require_class_space(model)
-    cfg = model.cfg
-    x = resid
-    if model.ln_final is not None:
-        n = model.ln_final
-        x = F.layer_norm(x, (n.length,), n.w, n.b, n.eps)
-    p = _pool(model, x)
-    if model.fc_norm is not None:
-        n = model.fc_norm
-        p = F.layer_norm(p, (n.length,), n.w, n.b, n.eps)
-    if cfg.pooling == "token_dist":
-        W, b = model.W_U, model.b_U
-        Wd, bd = model.W_U_dist, model.b_U_dist
-        return (p[:, 0] @ W + b + p[:, 1] @ Wd + bd) / 2
-    return p @ model.W_U + model.b_U
+    """What the classifier would output if ``resid`` were the final residual stream: the model's
+    own final norm(s), pooling and classifier(s) as a pure function (no hooks fire;
+    :meth:`vit_lens.components.readout.Readout.logits`). Applied to the last block's
+    ``hook_resid_post`` it equals the model's logits; to an earlier block's, a "logit lens" of the
+    pooled readout."""
+    return model.readout.logits(resid)
 
 
 def target_logit(
@@ -417,14 +243,12 @@ def target_logit(
         x: [batch, ..., d_model] (in ``"dla"`` mode [batch, pos, ..., d_model], see :func:`project`).
         target: one class, or one per image.
     """
-    _require_class_space(model)
+    model.readout.require_head()
     B = x.shape[0]
-    t = resolve_target(model, target, B)
+    t = resolve_targets(model, target, B)
     if mode == "paper":
-        y = x
-        for n in _final_norms(model):
-            y = F.layer_norm(y, (n.length,), n.w, n.b, n.eps)
-        W, b = model._head_weights(None) if hasattr(model, "_head_weights") else (model.W_U, model.b_U)
+        y = model.readout.normalize(x)
+        W, b = model.readout.head_weights()
         Wt = W[:, t].T  # [batch, d_model]
         shape = (B,) + (1,) * (x.ndim - 2) + (x.shape[-1],)
         return (y * Wt.reshape(shape)).sum(-1) + b[t].reshape(shape[:-1])
@@ -433,7 +257,7 @@ def target_logit(
     if cache is None:
         raise InputError("mode='dla' needs cache= (for the frozen final-norm scale)")
     s = final_scale(model, cache)
-    W = _dla_directions(model)[:, t].T
+    W = model.readout.dla_directions()[:, t].T
     shape = (B,) + (1,) * (x.ndim - 2) + (x.shape[-1],)
     out = (x * W.reshape(shape)).sum(-1)
     return out / s.reshape(*s.shape, *([1] * (out.ndim - 2)))
@@ -558,9 +382,9 @@ def logit_lens(
     Returns:
         [layer, batch, pos, n_classes] (``pos`` is the selected positions).
     """
-    _require_class_space(model)
+    model.readout.require_head()
     short = _check_hook(hook)
-    ls = _layers(model, layers)
+    ls = resolve_layers(layers, model)
     sel = slice(None) if positions is None else positions
     if isinstance(sel, int):
         sel = [sel]
@@ -568,7 +392,7 @@ def logit_lens(
     scale = final_scale(model, cache)[:, sel] if mode == "dla" else None
     with torch.no_grad():
         for l in ls:
-            x = _get(cache, f"blocks.{l}.hook_{short}")[:, sel]
+            x = cache_get(cache, f"blocks.{l}.hook_{short}")[:, sel]
             out.append(project(model, x, mode, scale=scale) if mode == "dla" else project(model, x, mode))
     return torch.stack(out)
 
@@ -631,7 +455,7 @@ class IdentifiabilityResult:
     def mask(self, positions: Positions = "image") -> Bool[Tensor, "batch pos"]:
         """See :func:`position_mask`."""
         _, B, P = self.rank.shape
-        return position_mask(positions, B, P, self.n_prefix_tokens)
+        return position_mask(TokenLayout.from_counts(self.n_prefix_tokens, P), positions, batch=B)
 
     def mean_r(self, positions: Positions = "image") -> Float[Tensor, "layer"]:
         """Mean identifiability over the chosen tokens, per layer."""
@@ -683,7 +507,7 @@ class IdentifiabilityResult:
         import pandas as pd
 
         _, B, P = self.rank.shape
-        inside = position_mask(mask, B, P, self.n_prefix_tokens) & self.mask("image")
+        inside = position_mask(TokenLayout.from_counts(self.n_prefix_tokens, P), mask, batch=B) & self.mask("image")
         outside = self.mask("image") & ~inside
         rows = []
         for name, m in zip(names, (inside, outside)):
@@ -744,12 +568,12 @@ def identifiability(
         an :class:`IdentifiabilityResult` (ranks [layer, batch, pos]; ``.r``, ``.rate()``,
         ``.summary()`` ...).
     """
-    _require_class_space(model)
+    model.readout.require_head()
     short = _check_hook(hook)
-    ls = _layers(model, layers)
-    first = _get(cache, f"blocks.{ls[0]}.hook_{short}")
+    ls = resolve_layers(layers, model)
+    first = cache_get(cache, f"blocks.{ls[0]}.hook_{short}")
     B = first.shape[0]
-    t = resolve_target(model, target, B).to(first.device)
+    t = resolve_targets(model, target, B).to(first.device)
     scale = final_scale(model, cache) if mode == "dla" else None
     if mode not in ("paper", "dla"):
         raise InputError(f"mode must be 'paper' or 'dla', got {mode!r}")
@@ -761,7 +585,7 @@ def identifiability(
         it = tqdm(ls, desc="identifiability", unit="layer")
     with torch.no_grad():
         for l in it:
-            x = _get(cache, f"blocks.{l}.hook_{short}")
+            x = cache_get(cache, f"blocks.{l}.hook_{short}")
             ranks.append(_ranks_of(model, x, t, mode, scale))
             if short.startswith("resid"):
                 readout.append(class_rank(readout_logits(model, x), t))
@@ -797,8 +621,8 @@ def identifiability_rate(
     if x.ndim != 3:
         raise InputError(f"x must be [batch, pos, d_model], got {tuple(x.shape)}")
     B, P, _ = x.shape
-    t = resolve_target(model, target, B).to(x.device)
-    m = position_mask(positions, B, P, model.cfg.n_prefix_tokens).to(x.device)
+    t = resolve_targets(model, target, B).to(x.device)
+    m = position_mask(TokenLayout.for_positions(model, P), positions, batch=B).to(x.device)
     if not m.any():
         raise InputError("positions selects no token")
     scale = final_scale(model, cache) if mode == "dla" else None
@@ -813,10 +637,10 @@ def identifiability_rate(
 def identify(
     model,
     images: Any,
-    target: Optional[Target] = None,
+    target: Target = PRED,
     *,
     mode: Mode = "paper",
-    preprocess: Literal["timm", "paper"] = "paper",
+    preprocess: Literal["timm", "paper"] = "timm",
     batch_size: int = 32,
     progress: bool = True,
 ) -> Tuple[IdentifiabilityResult, Float[Tensor, "batch n_classes"]]:
@@ -825,19 +649,21 @@ def identify(
     Args:
         images: a normalised batch [batch, chans, H, W], or anything :meth:`HookedViT.preprocess`
             takes (paths, PIL images, uint8 arrays).
-        target: the target class(es); default: the model's own top-1 prediction for each image.
+        target: the target class(es) (:func:`vit_lens.core.resolve_targets`); default ``"pred"``:
+            the model's own top-1 prediction for each image.
         mode: projection mode (``"paper"`` or ``"dla"``).
-        preprocess: preprocessing of non-tensor images: ``"paper"`` (resize without crop, as the
-            paper; default) or ``"timm"`` (the model's own eval transform).
+        preprocess: preprocessing of non-tensor images, as everywhere in vit_lens: ``"timm"`` (the
+            model's own eval transform; default, the same as ``model.preprocess(images)``) or
+            ``"paper"`` (resize without crop, as the seed paper).
         batch_size: images per forward pass.
         progress: a progress bar over batches.
 
     Returns:
         ``(result, logits)``: the :class:`IdentifiabilityResult` and the model's logits [batch, n_classes].
     """
-    _require_class_space(model)
+    model.readout.require_head()
     if isinstance(images, Tensor) and images.is_floating_point():
-        batch = images.to(device=model.device, dtype=model.dtype)
+        batch = as_batch(model, images)
         items = None
         n = batch.shape[0]
     else:
@@ -850,18 +676,15 @@ def identify(
     names = hook_names(model, "resid_post")
     if mode == "dla" and model.ln_final is not None:
         names.append("ln_final.hook_scale")
-    targets = None if target is None else resolve_target(model, target, n)
-    starts = range(0, n, batch_size)
-    if progress and len(starts) > 1:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="identify", unit="batch")
+    pred = isinstance(target, str) and target.strip().lower() == PRED
+    targets = None if pred else resolve_targets(model, target, n)
+    parts = chunks(n, batch_size)
     result, all_logits = None, []
-    for s in starts:
-        x = batch[s:s + batch_size] if items is None else model.preprocess(items[s:s + batch_size], mode=preprocess)
+    for s in progress_bar(parts, progress=progress and len(parts) > 1, desc="identify", unit="batch"):
+        x = batch[s] if items is None else model.preprocess(items[s], mode=preprocess)
         with torch.no_grad():
             logits, cache = model.run_with_cache(x, names_filter=names)
-        tgt = logits.argmax(-1) if targets is None else targets[s:s + batch_size]
+        tgt = logits.argmax(-1) if targets is None else targets[s]
         res = identifiability(model, cache, tgt, mode=mode)
         result = res if result is None else result.cat(res)
         all_logits.append(logits)
@@ -875,13 +698,13 @@ def identify(
 def _resid_pre(model, cache: Any, l: int) -> Tensor:
     """The residual stream entering block l (from the cache, however it was cached)."""
     name = f"blocks.{l}.hook_resid_pre"
-    if _has(cache, name):
+    if cache_has(cache, name):
         return cache[name]
-    if l > 0 and _has(cache, f"blocks.{l - 1}.hook_resid_post"):
+    if l > 0 and cache_has(cache, f"blocks.{l - 1}.hook_resid_post"):
         return cache[f"blocks.{l - 1}.hook_resid_post"]
-    if l == 0 and model.ln_pre is None and _has(cache, "hook_embed") and _has(cache, "hook_pos_embed"):
+    if l == 0 and model.ln_pre is None and cache_has(cache, "hook_embed") and cache_has(cache, "hook_pos_embed"):
         return cache["hook_embed"] + cache["hook_pos_embed"]
-    return _get(cache, name, f"the input of block {l}")
+    return cache_get(cache, name, f"the input of block {l}")
 
 
 def _finite_scores(logits: Tensor, what: str) -> Tensor:
@@ -928,14 +751,14 @@ def change_rate(
         rises = []
         for l in range(L):
             before = target_logit(model, _resid_pre(model, cache, l), target, mode, cache)
-            after = target_logit(model, _get(cache, f"blocks.{l}.hook_resid_post"), target, mode, cache)
+            after = target_logit(model, cache_get(cache, f"blocks.{l}.hook_resid_post"), target, mode, cache)
             _finite_scores(before, f"target logits of block {l}'s input")
             _finite_scores(after, f"target logits of block {l}'s output")
             rises.append(after > before)
     up = torch.stack(rises)
     if per_token:
         return up
-    m = position_mask(positions, up.shape[1], up.shape[2], model.cfg.n_prefix_tokens).to(up.device)
+    m = position_mask(TokenLayout.for_positions(model, up.shape[2]), positions, batch=up.shape[1]).to(up.device)
     return (up & m).sum(dim=(1, 2)).float() / m.sum().clamp_min(1)
 
 
@@ -978,7 +801,7 @@ class CategoricalUpdates:
         import pandas as pd
 
         L, B, P = self.attn.shape
-        m = position_mask(positions, B, P, self.n_prefix_tokens).to(self.attn.device)
+        m = position_mask(TokenLayout.from_counts(self.n_prefix_tokens, P), positions, batch=B).to(self.attn.device)
         n = m.sum().clamp_min(1).float()
         rows = []
         for l in range(L):
@@ -1052,8 +875,8 @@ def categorical_updates(
     if mode not in ("paper", "dla"):
         raise InputError(f"mode must be 'paper' or 'dla', got {mode!r}")
     L = model.cfg.n_layers
-    B = _get(cache, "blocks.0.hook_attn_out").shape[0]
-    t = resolve_target(model, target, B)
+    B = cache_get(cache, "blocks.0.hook_attn_out").shape[0]
+    t = resolve_targets(model, target, B)
     scale = final_scale(model, cache) if mode == "dla" else None
 
     def scores(x: Tensor, what: str) -> Tuple[Tensor, Tensor]:
@@ -1068,10 +891,10 @@ def categorical_updates(
     with torch.no_grad():
         for l in range(L):
             pre = scores(_resid_pre(model, cache, l), f"block {l}'s input")
-            a = scores(_get(cache, f"blocks.{l}.hook_attn_out"), f"blocks.{l}.hook_attn_out")
-            m = scores(_get(cache, f"blocks.{l}.hook_mlp_out"), f"blocks.{l}.hook_mlp_out")
+            a = scores(cache_get(cache, f"blocks.{l}.hook_attn_out"), f"blocks.{l}.hook_attn_out")
+            m = scores(cache_get(cache, f"blocks.{l}.hook_mlp_out"), f"blocks.{l}.hook_mlp_out")
             if variant == "corrected":
-                ref = scores(_get(cache, f"blocks.{l}.hook_resid_mid"), f"blocks.{l}.hook_resid_mid")
+                ref = scores(cache_get(cache, f"blocks.{l}.hook_resid_mid"), f"blocks.{l}.hook_resid_mid")
             else:
                 ref = pre
             if quantity == "logit":
@@ -1120,7 +943,7 @@ class ResidualComposition:
         import pandas as pd
 
         L, B, P = self.category.shape
-        m = position_mask(positions, B, P, self.n_prefix_tokens).to(self.category.device)
+        m = position_mask(TokenLayout.from_counts(self.n_prefix_tokens, P), positions, batch=B).to(self.category.device)
         n = m.sum().clamp_min(1).float()
         data = {c: [float(((self.category[l] == i) & m).sum() / n) for l in range(L)]
                 for i, c in enumerate(COMPOSITION_CATEGORIES)}
@@ -1145,7 +968,7 @@ def residual_composition(model, cache: Any, *, mode: Mode = "paper") -> Residual
         a :class:`ResidualComposition` ([layer, batch, pos]). NaN projections raise
         :class:`~vit_lens.core.errors.InputError` (``argmax`` would return the NaN class).
     """
-    _require_class_space(model)
+    model.readout.require_head()
     scale = final_scale(model, cache) if mode == "dla" else None
 
     def top1(x, what):
@@ -1155,10 +978,10 @@ def residual_composition(model, cache: Any, *, mode: Mode = "paper") -> Residual
     cats, si, sa, sm = [], [], [], []
     with torch.no_grad():
         for l in range(model.cfg.n_layers):
-            out = top1(_get(cache, f"blocks.{l}.hook_resid_post"), f"blocks.{l}.hook_resid_post")
+            out = top1(cache_get(cache, f"blocks.{l}.hook_resid_post"), f"blocks.{l}.hook_resid_post")
             a = out == top1(_resid_pre(model, cache, l), f"block {l}'s input")
-            b = out == top1(_get(cache, f"blocks.{l}.hook_attn_out"), f"blocks.{l}.hook_attn_out")
-            c = out == top1(_get(cache, f"blocks.{l}.hook_mlp_out"), f"blocks.{l}.hook_mlp_out")
+            b = out == top1(cache_get(cache, f"blocks.{l}.hook_attn_out"), f"blocks.{l}.hook_attn_out")
+            c = out == top1(cache_get(cache, f"blocks.{l}.hook_mlp_out"), f"blocks.{l}.hook_mlp_out")
             cat = torch.full_like(out, 3)
             cat = torch.where(c, torch.full_like(out, 2), cat)
             cat = torch.where(b, torch.full_like(out, 1), cat)

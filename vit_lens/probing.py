@@ -16,7 +16,7 @@ module fits those probes in closed form with torch (no scikit-learn), batched ov
 
 Honest use: a probe needs several training images per class and disjoint test images. With the
 20 labelled images shipped in ``../shared`` (one per class) no probe can generalise to new
-images; what can be run there is the mechanics (see ``benchmarks/perturbation_eval.py``).
+images; what can be run there is the mechanics (see ``experiments/perturbation_eval.py``).
 """
 
 from __future__ import annotations

@@ -254,6 +254,12 @@ class Readout(nn.Module):
             out = out + norm.b @ W
         return out
 
+    def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """Each vector through the final norm(s) with its own statistics (pure: no hook fires)."""
+        for norm in self.final_norms:
+            x = _norm(norm, x)
+        return x
+
     def project(
         self,
         x: Float[Tensor, "... d_model"],
@@ -275,9 +281,7 @@ class Readout(nn.Module):
             raise InputError(f"project expects vectors [..., d_model={self.cfg.d_model}], got {shape}")
         if mode == "paper":
             W, b = self.head_weights(head)
-            for norm in self.final_norms:
-                x = _norm(norm, x)
-            return x @ W + b
+            return self.normalize(x) @ W + b
         if mode != "dla":
             raise InputError(f"mode must be 'paper' or 'dla', got {mode!r}")
         if scale is None:
