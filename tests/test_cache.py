@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from timm.models.vision_transformer import ResPostBlock
 from transformer_lens import ActivationCache
 
 from conftest import make_timm
@@ -262,3 +263,53 @@ def test_start_at_layer_avg_pool_needs_an_image_token():
 def test_return_type_none(model, x):
     with torch.no_grad():
         assert model(x, return_type=None) is None
+
+
+# ------------------------------------------------------------------ full decomposition (accumulated_bias)
+def test_accumulated_bias_is_the_sum_of_the_sublayer_biases(model):
+    """An independent sum over the weights, for every layer and flag."""
+    for layer in range(DEPTH + 1):
+        for mlp_input in (False, True):
+            if mlp_input and layer == DEPTH:
+                with pytest.raises(IndexError, match="mlp_input"):
+                    model.accumulated_bias(layer, mlp_input=True)
+                continue
+            for with_mlp in (False, True):
+                ref = torch.zeros(192)
+                for l in range(layer + (1 if mlp_input else 0)):
+                    ref = ref + model.blocks[l].attn.b_O
+                    if with_mlp and l < layer:
+                        ref = ref + model.blocks[l].mlp.b_out
+                got = model.accumulated_bias(layer, mlp_input, include_mlp_biases=with_mlp)
+                assert torch.allclose(got, ref, atol=1e-6), (layer, mlp_input, with_mlp)
+    assert model.accumulated_bias(DEPTH).abs().max() > 0.05  # the fixture's biases are not zero
+    with pytest.raises(IndexError, match=r"0\.\.3 "):
+        model.accumulated_bias(DEPTH + 1)
+
+
+@pytest.mark.parametrize("expand_neurons", [False, True])
+@pytest.mark.parametrize("layer,mlp_input", [(None, False), (1, False), (1, True), (0, True)])
+def test_get_full_resid_decomposition_sums_to_the_residual_stream(run, expand_neurons, layer, mlp_input):
+    """heads + (MLP outputs or neurons) + embeddings + accumulated bias == the residual stream there."""
+    _, cache = run
+    stack, labels = cache.get_full_resid_decomposition(
+        layer=layer, mlp_input=mlp_input, expand_neurons=expand_neurons, return_labels=True
+    )
+    L = DEPTH if layer is None else layer
+    if mlp_input:
+        target = cache[f"blocks.{L}.hook_resid_mid"]
+    else:
+        target = cache[f"blocks.{L}.hook_resid_pre"] if L < DEPTH else cache[f"blocks.{DEPTH - 1}.hook_resid_post"]
+    assert labels[-1] == "bias" and "embed" in labels and "pos_embed" in labels
+    n_heads = (L + (1 if mlp_input else 0)) * 3
+    assert sum(lab.startswith("L") and "H" in lab for lab in labels) == n_heads
+    assert stack.shape[1:] == target.shape
+    assert (stack.sum(0) - target).abs().max() <= 1e-4
+    assert target.abs().max() > 1
+
+
+def test_accumulated_bias_refuses_post_norm_blocks():
+    t = make_timm("vit_tiny_patch16_224", img_size=IMG, patch_size=PATCH, depth=1, num_classes=3,
+                  block_fn=ResPostBlock)
+    with pytest.raises(ValueError, match="post-norm"):
+        HookedViT.from_timm(t).accumulated_bias(1)

@@ -17,7 +17,7 @@ from transformer_lens.hook_points import HookPoint
 from vit_lens.components import LayerNorm, PatchEmbed, PosEmbed, TransformerBlock, Unembed
 from vit_lens.components.readout import Readout
 from vit_lens.config import HookedViTConfig
-from vit_lens.core.errors import InputError, InputTypeError
+from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
 
 ReturnType = Optional[Literal["logits"]]
 
@@ -566,6 +566,41 @@ class HookedViT(HookedRootModule):
     @property
     def b_out(self) -> Float[Tensor, "n_layers d_model"]:
         return self._stack(lambda b: b.mlp.b_out)
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, "d_model"]:
+        """The biases the sublayers write into the residual stream before a point, summed
+        (TransformerLens's method, which ``ActivationCache.get_full_resid_decomposition`` calls).
+
+        Args:
+            layer: ``0 .. n_layers``: biases of blocks ``0 .. layer - 1`` (``n_layers``: all).
+            mlp_input: also the attention bias ``b_O`` of block ``layer`` (the stream entering its MLP).
+            include_mlp_biases: include the MLP biases ``b_out`` (False when the MLP outputs are split
+                into neurons, whose decomposition leaves the bias out).
+
+        Exact for pre-norm blocks, where each sublayer adds ``... + bias`` to the stream. Post-norm
+        blocks (timm's ``ResPostBlock``) normalise the sublayer output, so a bias is not a term of
+        the stream there: refused.
+        """
+        L = self.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= L:
+            raise OutOfRangeError(f"layer must be an int in 0..{L} (n_layers: every block), got {layer!r}")
+        if self.cfg.post_norm:
+            raise InputError(
+                f"{self.cfg.model_name} has post-norm blocks: their LayerNorm rescales each sublayer output, so "
+                "biases are not additive terms of the residual stream and no bias decomposition is exact"
+            )
+        total = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
+        for l in range(layer):
+            total = total + self.blocks[l].attn.b_O
+            if include_mlp_biases:
+                total = total + self.blocks[l].mlp.b_out
+        if mlp_input:
+            if layer >= L:
+                raise OutOfRangeError(f"mlp_input=True needs a block: layer must be in 0..{L - 1}, got {layer}")
+            total = total + self.blocks[layer].attn.b_O
+        return total
 
     @property
     def device(self) -> torch.device:
