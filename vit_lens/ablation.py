@@ -26,7 +26,7 @@ Attention knockout
     * ``"zero_edges"``: the probabilities of the removed edges are set to 0 after the softmax and
       nothing else changes: rows are not renormalised and no weight moves anywhere, so a query row
       sums to 1 minus the probability it lost (for ``"self_only"`` only ``A[t, t]`` is left, at
-      its softmax value, and the rows sum to about 0). Any edge set. (Before the paper's
+      its softmax value, so the rows sum to ``A[t, t]``: about 0 in trained models). Any edge set. (Before the paper's
       one-hot edit was implemented, this was what ``mode="paper"`` computed.)
 
     Edges are given as a boolean ``[query_pos, key_pos]`` mask where **True means the edge is
@@ -705,8 +705,11 @@ def attention_knockout(
         edits, shape = _paper_per_layer(model, edges, layers, heads, token_mask, grid_size)
     else:
         edits, shape = _blocked_per_layer(model, edges, layers, heads, token_mask, grid_size)
-    if not edits:  # nothing removed: the plain forward, exactly (the mask's fit is still checked)
-        with _guard_only(model, shape, "knockout"):
+    if not edits:  # nothing removed: the plain forward, exactly (a per-image mask's fit is still checked)
+        if shape[0] > 1:
+            with _guard_only(model, shape, "knockout"):
+                yield model
+        else:
             yield model
         return
     if mode == "mask":
