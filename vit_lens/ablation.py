@@ -26,7 +26,7 @@ Attention knockout
     * ``"zero_edges"``: the probabilities of the removed edges are set to 0 after the softmax and
       nothing else changes: rows are not renormalised and no weight moves anywhere, so a query row
       sums to 1 minus the probability it lost (for ``"self_only"`` only ``A[t, t]`` is left, at
-      its softmax value, so the rows sum to ``A[t, t]``: about 0 in trained models). Any edge set. (Before the paper's
+      its softmax value, so the rows sum to ``A[t, t]``, not 1). Any edge set. (Before the paper's
       one-hot edit was implemented, this was what ``mode="paper"`` computed.)
 
     Edges are given as a boolean ``[query_pos, key_pos]`` mask where **True means the edge is
