@@ -12,8 +12,11 @@ reported with its ratio to the plain HookedViT forward:
 * ``knockout self_only, mode="mask"`` / ``no_cls, mode="mask"`` -- inside
   :func:`vit_lens.ablation.attention_knockout` in every layer; the pattern is not hooked, so the
   fused kernel runs with a boolean attention mask;
-* ``knockout self_only, mode="paper"`` -- zeroing probabilities after the softmax needs the pattern
-  (a hook on ``hook_pattern``), so attention is materialised (for reference; no target);
+* ``knockout self_only, mode="paper"`` -- the paper's edit of the softmaxed pattern (one-hot
+  image-token rows) needs the pattern (a hook on ``hook_pattern``), so attention is materialised
+  (for reference; no target);
+* ``knockout self_only, mode="zero_edges"`` -- removed probabilities zeroed after the softmax, also
+  on the materialised pattern (for reference; no target);
 * ``context ablation, method="attention"`` -- half the patches masked out in every layer.
 
 Target (issue 5): knockout in every layer (mode "mask", pattern not hooked) <= 1.3x the plain forward.
@@ -72,6 +75,7 @@ def main(argv=None) -> int:
         'knockout self_only, mode="mask" (all layers)': knock("self_only", "mask"),
         'knockout no_cls, mode="mask" (all layers)': knock("no_cls", "mask"),
         'knockout self_only, mode="paper" (all layers, pattern materialised)': knock("self_only", "paper"),
+        'knockout self_only, mode="zero_edges" (all layers, pattern materialised)': knock("self_only", "zero_edges"),
         'context ablation, method="attention" (half the patches)': ctx,
     }
     with torch.inference_mode():

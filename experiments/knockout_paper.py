@@ -8,9 +8,11 @@ whose last-layer projection onto the class embeddings has the correct class as t
 every layer, 60.71% when image tokens may not attend to [CLS].
 
 Here: ``vit_tiny_patch16_224.augreg_in21k_ft_in1k`` (../shared/weights) and the 20 labelled
-photos in ../shared/images (all tokens of all images pooled), for both knockout modes of
-:func:`vit_lens.ablation.attention_knockout` (``"paper"``: probabilities zeroed after the softmax,
-no renormalisation, as the paper does; ``"mask"``: -inf before the softmax, renormalised).
+photos in ../shared/images (all tokens of all images pooled), for the knockout modes of
+:func:`vit_lens.ablation.attention_knockout` (``"paper"``: the paper's edit of the softmaxed
+attention, one-hot image-token rows for ``self_only``, the [CLS] column zeroed without
+renormalising for ``no_cls``; ``"mask"``: -inf before the softmax, renormalised;
+``"zero_edges"``: removed probabilities zeroed after the softmax, nothing else changed).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def load_labelled(images_dir: Path):
     return [str(images_dir / r["path"]) for r in rows], [int(r["class_index"]) for r in rows]
 
 
-def knockout_rates(model, images, classes, *, edges=("none", "self_only", "no_cls"), modes=("paper", "mask")):
+def knockout_rates(model, images, classes, *, edges=("none", "self_only", "no_cls"),
+                   modes=("paper", "mask", "zero_edges")):
     """Last-layer class identifiability of the image tokens per (edges, mode), measured with
     :func:`vit_lens.class_space.identify` (paper projection) inside :func:`attention_knockout`.
 
@@ -78,18 +81,21 @@ def main(argv=None) -> int:
     res = knockout_rates(model, images, classes)
     print(f"{NAME}, {len(paths)} labelled images ({args.preprocess} preprocessing), "
           f"{model.cfg.n_patches} image tokens each; last-layer identifiable image tokens:\n")
-    print("| knockout (all layers) | ours, mode='paper' | ours, mode='mask' | paper ViT-B/32 | "
-          "mean r, 'paper' / 'mask' | [CLS] top-1, 'paper' / 'mask' |")
-    print("|---|---|---|---|---|---|")
+    print("| knockout (all layers) | ours, mode='paper' | ours, mode='mask' | ours, mode='zero_edges' | "
+          "paper ViT-B/32 | mean r, 'paper' / 'mask' / 'zero_edges' | [CLS] top-1, 'paper' / 'mask' / 'zero_edges' |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for e, label in (("none", "none"), ("self_only", "image tokens attend only to themselves (`self_only`)"),
                      ("no_cls", "image tokens cannot attend to [CLS] (`no_cls`)")):
         rp, n, ap, sp = res[(e, "paper")]
         rm, _, am, sm = res[(e, "mask")]
-        print(f"| {label} | {100 * rp:.2f}% | {100 * rm:.2f}% | {PAPER[e]}% | {sp:.3f} / {sm:.3f} | "
-              f"{100 * ap:.0f}% / {100 * am:.0f}% |")
-        rows.append(dict(edges=e, rate_paper_mode=rp, rate_mask_mode=rm, n_tokens=n, paper_vitb32=PAPER[e] / 100,
-                         score_paper_mode=sp, score_mask_mode=sm, cls_top1_paper_mode=ap, cls_top1_mask_mode=am))
+        rz, _, az, sz = res[(e, "zero_edges")]
+        print(f"| {label} | {100 * rp:.2f}% | {100 * rm:.2f}% | {100 * rz:.2f}% | {PAPER[e]}% | "
+              f"{sp:.3f} / {sm:.3f} / {sz:.3f} | {100 * ap:.0f}% / {100 * am:.0f}% / {100 * az:.0f}% |")
+        rows.append(dict(edges=e, rate_paper_mode=rp, rate_mask_mode=rm, rate_zero_edges_mode=rz, n_tokens=n,
+                         paper_vitb32=PAPER[e] / 100, score_paper_mode=sp, score_mask_mode=sm,
+                         score_zero_edges_mode=sz, cls_top1_paper_mode=ap, cls_top1_mask_mode=am,
+                         cls_top1_zero_edges_mode=az))
     print(f"\n({rows[0]['n_tokens']} image tokens in all. Identifiable: the correct class is the token's top-1 "
           "class after the final norm and classifier; mean r: mean class identifiability "
           f"r = 1 - rank / n_classes of the correct class, about 0.5 = chance. {time.perf_counter() - t0:.1f} s)")

@@ -1,7 +1,9 @@
-"""Tests for vit_lens.ablation: attention knockout against timm's own masked attention and a
-hand-written post-softmax reference, exact no-op knockouts, context ablation against timm with
-tokens cut out, the two context-ablation methods agree, masks from boxes and segmentations, and
-the paper's knockout result on the real ViT-Ti."""
+"""Tests for vit_lens.ablation: attention knockout against timm's own masked attention, against
+timm with the paper's edit of the softmaxed attention applied by a forward hook (random models and
+the real ViT-Ti) and against a hand-written post-softmax zeroing reference, exact no-op knockouts,
+context ablation against timm with tokens cut out, the two context-ablation methods agree, masks
+from boxes and segmentations, which masks are accepted, hostile inputs (library errors, no weight
+changed), and the paper's knockout result on the real ViT-Ti."""
 
 from __future__ import annotations
 
@@ -167,18 +169,165 @@ def test_mask_knockout_fused_equals_materialised_and_hook_list(pair):
     assert not torch.allclose(cache["blocks.2.attn.hook_z"][:, 1:], cache["blocks.2.attn.hook_v"][:, 1:], atol=1e-3)
 
 
-# ------------------------------------------------------------------ knockout: mode "paper"
-@pytest.mark.parametrize("edges", ["self_only", "no_cls"])
-def test_paper_knockout_matches_post_softmax_reference(any_pair, edges):
+# ------------------------------------------------------------------ knockout: mode "zero_edges"
+@pytest.mark.parametrize("edges", ["self_only", "no_cls", "cls_no_image", "random"])
+def test_zero_edges_knockout_matches_post_softmax_reference(any_pair, edges):
+    """mode="zero_edges" (what mode="paper" used to compute) against a hand-written forward that
+    zeroes the removed probabilities after the softmax."""
     t, m = any_pair
     x = _images(2, 5)
-    e = knockout_edges(m, edges)
+    P = m.cfg.n_ctx
+    if edges == "random":
+        e = torch.rand(P, P, generator=torch.Generator().manual_seed(1)) < 0.3
+    else:
+        e = knockout_edges(m, edges)
     ref = _timm_paper(t, x, {l: e for l in range(m.cfg.n_layers)})
-    with attention_knockout(m, edges, mode="paper"):
+    with attention_knockout(m, e if edges == "random" else edges, mode="zero_edges"):
         got = m(x)
     assert (got - ref).abs().max() <= 1e-4
     # the same hooks work as a hook list
+    hooked = m.run_with_hooks(x, fwd_hooks=knockout_hooks(m, e if edges == "random" else edges, mode="zero_edges"))
+    assert torch.equal(hooked, got)
+
+
+# ------------------------------------------------------------------ knockout: mode "paper"
+def _paper_edit(edges, n_prefix, heads=None):
+    """The paper's edit of the softmaxed attention A [B, H, Q, K], written from its definition:
+    "self_only": A[:, :, t, :] = 0; A[:, :, t, t] = 1 for every image token t;
+    "no_cls": A[:, :, t, 0] = 0 for every image token t (not renormalised)."""
+
+    def edit(a):
+        a = a.clone()
+        hs = list(range(a.shape[1])) if heads is None else list(heads)
+        for t in range(n_prefix, a.shape[2]):
+            for h in hs:
+                if edges == "self_only":
+                    a[:, h, t, :] = 0
+                    a[:, h, t, t] = 1
+                elif edges == "no_cls":
+                    a[:, h, t, 0] = 0
+                else:
+                    raise AssertionError(edges)
+        return a
+
+    return edit
+
+
+def _timm_with_edit(t, x, edit_per_layer):
+    """timm's own forward, unfused attention, with a plain forward hook on each block's
+    ``attn_drop`` (which receives the softmaxed attention) applying ``edit_per_layer[l]``."""
+    handles, fused = [], [blk.attn.fused_attn for blk in t.blocks]
+    try:
+        for l, blk in enumerate(t.blocks):
+            blk.attn.fused_attn = False
+            if l in edit_per_layer:
+                handles.append(blk.attn.attn_drop.register_forward_hook(
+                    lambda mod, inp, out, f=edit_per_layer[l]: f(out)))
+        with torch.inference_mode():
+            return t(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for blk, f in zip(t.blocks, fused):
+            blk.attn.fused_attn = f
+
+
+@pytest.mark.parametrize("edges", ["self_only", "no_cls"])
+def test_paper_knockout_matches_timm_with_the_papers_edit(any_pair, edges):
+    t, m = any_pair
+    x = _images(2, 5)
+    n_pre = m.cfg.n_prefix_tokens
+    ref = _timm_with_edit(t, x, {l: _paper_edit(edges, n_pre) for l in range(m.cfg.n_layers)})
+    with attention_knockout(m, edges, mode="paper"):
+        got = m(x)
+    assert (got - ref).abs().max() <= 1e-4
+    assert (got - t(x)).abs().max() > 1e-3  # it does something
+    # the same hooks work as a hook list, and a boolean mask equal to the edge set gets the same edit
     assert torch.equal(m.run_with_hooks(x, fwd_hooks=knockout_hooks(m, edges, mode="paper")), got)
+    with attention_knockout(m, knockout_edges(m, edges), mode="paper"):
+        assert torch.equal(m(x), got)
+    # layer and head subsets
+    ref = _timm_with_edit(t, x, {0: _paper_edit(edges, n_pre, heads=[1]), 2: _paper_edit(edges, n_pre, heads=[0, 2])})
+    with attention_knockout(m, edges, layers=[0, 2], heads={0: [1], 2: [0, 2]}, mode="paper"):
+        got = m(x)
+    assert (got - ref).abs().max() <= 1e-4
+
+
+def test_paper_self_only_rows_are_one_hot(pair):
+    """The issue's check: paper-mode self_only rows of image-token queries sum to 1 (one-hot on
+    the diagonal); "zero_edges" leaves A[t, t] at its softmax value (rows sum to about 0 when the
+    diagonal is small); "mask" mode gives the same one-hot rows and the same logits."""
+    _, m = pair
+    x = _images(2, 6)
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(3)]
+    plain_logits, plain = m.run_with_cache(x, names_filter=names)
+    runs = {}
+    for mode in ("paper", "mask", "zero_edges"):
+        with attention_knockout(m, "self_only", mode=mode):
+            runs[mode] = m.run_with_cache(x, names_filter=names)
+    eye = torch.eye(17)[1:].expand(2, 3, 16, 17)
+    for l in range(3):
+        pp = runs["paper"][1][names[l]]
+        assert torch.allclose(pp[:, :, 1:].sum(-1), torch.ones(2, 3, 16), atol=1e-6)
+        assert torch.equal(pp[:, :, 1:], eye)
+        assert torch.equal(runs["mask"][1][names[l]][:, :, 1:], eye)
+    p0 = plain[names[0]]
+    pp, pz = runs["paper"][1][names[0]], runs["zero_edges"][1][names[0]]
+    assert torch.equal(pp[:, :, 0], p0[:, :, 0])  # the [CLS] query is not touched (layer 0: same input)
+    diag = torch.diagonal(p0, dim1=-2, dim2=-1)[:, :, 1:]
+    assert torch.allclose(pz[:, :, 1:].sum(-1), diag, atol=1e-7)  # zero_edges: only A[t, t] is left
+    assert (pz[:, :, 1:].sum(-1) < 0.9).all()
+    assert (runs["paper"][0] - runs["mask"][0]).abs().max() <= 1e-5
+    assert (runs["paper"][0] - runs["zero_edges"][0]).abs().max() > 1e-3
+    assert (runs["paper"][0] - plain_logits).abs().max() > 1e-3
+
+
+def test_paper_mode_refuses_edges_the_paper_does_not_define(pair):
+    t, m = pair
+    x = _images(2, 17)
+    for edges in ("cls_no_image", torch.rand(17, 17, generator=torch.Generator().manual_seed(2)) < 0.3):
+        with pytest.raises(ValueError, match="mode='mask'.*mode='zero_edges'"):
+            with attention_knockout(m, edges, mode="paper"):
+                pass
+        with pytest.raises(ValueError, match="defined only for the edge sets"):
+            knockout_hooks(m, edges, mode="paper")
+    grid = torch.zeros(4, 4, dtype=torch.bool)
+    grid[:2] = True
+    with pytest.raises(ValueError, match="edges='within' is none of them"):
+        with attention_knockout(m, "within", token_mask=grid, mode="paper"):
+            pass
+    # per-image masks made of the paper's edge sets get each image's edit
+    e = torch.stack([knockout_edges(m, "self_only"), knockout_edges(m, "no_cls")])
+    with attention_knockout(m, e, mode="paper"):
+        both = m(x)
+    for i, name in enumerate(["self_only", "no_cls"]):
+        ref = _timm_with_edit(t, x[i : i + 1], {l: _paper_edit(name, 1) for l in range(3)})
+        assert (both[i] - ref[0]).abs().max() <= 1e-4
+    bad = torch.stack([knockout_edges(m, "self_only"), knockout_edges(m, "cls_no_image")])
+    with pytest.raises(ValueError, match=r"image 1"):
+        with attention_knockout(m, bad, mode="paper"):
+            pass
+
+
+@pytest.mark.real
+def test_paper_knockout_matches_timm_on_the_real_checkpoint(real_vit, labelled_images):
+    """The real ViT-Ti: attention_knockout(mode="paper") against timm's own model loaded from the
+    same checkpoint, with the paper's edit applied by a forward hook."""
+    import timm
+    from conftest import WEIGHTS, REAL_VIT
+
+    t = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(WEIGHTS / f"{REAL_VIT}.safetensors"))
+    ).eval()
+    m = real_vit
+    x = m.preprocess([r["path"] for r in labelled_images[:2]])
+    for edges in ("self_only", "no_cls"):
+        ref = _timm_with_edit(t, x, {l: _paper_edit(edges, 1) for l in range(m.cfg.n_layers)})
+        with attention_knockout(m, edges, mode="paper"), torch.inference_mode():
+            got = m(x)
+        assert (got - ref).abs().max() <= 1e-4
+        with torch.inference_mode():
+            assert (got - t(x)).abs().max() > 0.1
 
 
 def test_paper_knockout_zeroes_without_renormalising(pair):
@@ -467,3 +616,265 @@ def test_knockout_paper_result_on_real_vit(real_vit, labelled_images):
     assert base_r - nocls_r < 0.1  # no_cls: mean identifiability barely moves
     assert (base_r - self_r) > 5 * (base_r - nocls_r)
     assert nocls_rate > 5 * self_rate
+
+
+# ------------------------------------------------------------------ context ablation: which masks are accepted
+@pytest.mark.parametrize("method", ["remove", "attention"])
+@pytest.mark.parametrize("fill", ["mixed", "all_true", "all_false"])
+@pytest.mark.parametrize("shape", [(3, 3), (5, 5), (4, 5), (15,), (18,), (2, 3, 3), (1, 2, 4, 4), ()])
+def test_context_ablation_refuses_wrong_size_masks_whatever_their_values(pair, method, fill, shape):
+    """A keep mask that is not [4, 4] / [16] / [17] (optionally with a batch axis) is refused with
+    a message that names the expected shapes and the one given, also when it keeps or removes
+    everything (issue 12: "mask is for 1 tokens" was reported, and a wrong-size all-True mask
+    was accepted)."""
+    _, m = pair
+    keep = {"mixed": torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5,
+            "all_true": torch.ones(shape, dtype=torch.bool), "all_false": torch.zeros(shape, dtype=torch.bool)}[fill]
+    with pytest.raises(ValueError) as err:
+        with context_ablation(m, keep, method=method):
+            m(_images(2, 1))
+    msg = str(err.value)
+    assert f"keep has shape {tuple(shape)}" in msg
+    assert "[rows, cols] = [4, 4]" in msg and "[n_patches] = [16]" in msg and "[17]" in msg and "[batch, ...]" in msg
+    assert "for 1 tokens" not in msg
+
+
+@pytest.mark.parametrize("method", ["remove", "attention"])
+def test_context_ablation_accepted_shapes_agree(pair, method):
+    """[rows, cols], [n_patches], [pos] and their batched forms are the same mask."""
+    _, m = pair
+    x = _images(2, 3)
+    grid = torch.zeros(4, 4, dtype=torch.bool)
+    grid[1:3, :3] = True
+    seq = torch.cat([torch.zeros(1, dtype=torch.bool), grid.flatten()])  # prefix False: kept anyway
+    outs = []
+    for keep in (grid, grid.flatten(), seq, grid[None].expand(2, 4, 4), grid.flatten()[None].expand(2, 16),
+                 seq[None].expand(2, 17), grid.tolist()):
+        with context_ablation(m, keep, method=method) as info:
+            outs.append(m(x))
+        assert info.keep[0, 0] and info.keep.shape[-1] == 17
+    for o in outs[1:]:
+        assert (o - outs[0]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["remove", "attention"])
+def test_context_ablation_checks_the_run_also_when_keeping_everything(pair, method):
+    _, m = pair
+    per_image = torch.ones(3, 4, 4, dtype=torch.bool)  # keeps everything, but for 3 images
+    with context_ablation(m, per_image, method=method):
+        with pytest.raises(ValueError, match="3 per-image masks.*batch has 2"):
+            m(_images(2, 1))
+        assert m(_images(3, 1)).shape == (3, 7)
+    part = torch.ones(3, 4, 4, dtype=torch.bool)
+    part[:, 0, 0] = False
+    with context_ablation(m, part, method=method):
+        with pytest.raises(ValueError, match="3 per-image masks.*batch has 2"):
+            m(_images(2, 1))
+    with pytest.raises(ValueError, match="empty batch axis"):
+        with context_ablation(m, torch.ones(0, 4, 4, dtype=torch.bool), method=method):
+            pass
+
+
+def test_context_ablation_with_nothing_but_the_prefix_tokens(pair):
+    """Keeping no patch: a [CLS]-pooled model classifies from its prefix tokens alone (timm with
+    only [CLS] left agrees); a model that averages patches, or has no prefix token, is refused."""
+    t, m = pair
+    x = _images(2, 4)
+    nothing = torch.zeros(4, 4, dtype=torch.bool)
+    ref, _ = _timm_removed(t, x, [0])
+    for method in ("remove", "attention"):
+        with context_ablation(m, nothing, method=method) as info:
+            assert (m(x) - ref).abs().max() <= 1e-4
+        assert info.keep.sum() == 1
+    avg = _pair("avg")[1]  # no prefix token, average pooling
+    for method in ("remove", "attention"):
+        with pytest.raises(ValueError, match="no token at all.*keep at least one patch"):
+            with context_ablation(avg, nothing, method=method):
+                pass
+    ta = make_timm("vit_tiny_patch16_224", **{**KW, "reg_tokens": 2, "global_pool": "avg", "class_token": False,
+                                               "no_embed_class": True})
+    reg_avg = HookedViT.from_timm(ta)
+    with pytest.raises(ValueError, match="averages the patch tokens.*keep at least one patch"):
+        with context_ablation(reg_avg, nothing):
+            pass
+    one = nothing.clone()
+    one[2, 1] = True
+    with context_ablation(reg_avg, one):
+        assert torch.isfinite(reg_avg(x)).all()
+
+
+def test_context_ablation_and_knockout_for_another_image_size():
+    """grid_size= builds the masks for images of another size (a dynamic-size model); masks for
+    the native size are refused on such images, and the other way round."""
+    t = make_timm("vit_tiny_patch16_224", **KW, dynamic_img_size=True)
+    m = HookedViT.from_timm(t)
+    x = _images(2, 5).repeat(1, 1, 2, 2)[:, :, :48, :48]  # 48 x 48: a 6 x 6 grid
+    keep = torch.zeros(6, 6, dtype=torch.bool)
+    keep[1:4, 2:5] = True
+    kept = [0] + [1 + r * 6 + c for r in range(1, 4) for c in range(2, 5)]
+    ref, _ = _timm_removed(t, x, kept)
+    for method in ("remove", "attention"):
+        with context_ablation(m, keep, method=method, grid_size=(6, 6)):
+            assert (m(x) - ref).abs().max() <= 1e-4
+            with pytest.raises(ValueError, match="for 37 tokens per image but this run has 17"):
+                m(_images(2, 5))
+    with pytest.raises(ValueError, match=r"\[rows, cols\] = \[4, 4\]"):
+        with context_ablation(m, keep):
+            pass
+    with attention_knockout(m, "self_only", mode="paper"):
+        with pytest.raises(ValueError, match="for 17 tokens per image but this run has 37.*grid_size"):
+            m(x)
+    with attention_knockout(m, "self_only", mode="paper", grid_size=(6, 6)), torch.inference_mode():
+        got = m(x)
+    assert (got - _timm_with_edit(t, x, {l: _paper_edit("self_only", 1) for l in range(3)})).abs().max() <= 1e-4
+
+
+# ------------------------------------------------------------------ hostile inputs: clear errors, weights untouched
+def _weights_hash(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _hostile_cases():
+    B4 = torch.ones(4, 4, dtype=torch.bool)
+
+    def ko(**kw):
+        def run(m):
+            with attention_knockout(m, **kw):
+                m(_images(2, 1))
+        return run
+
+    def ca(keep, **kw):
+        def run(m):
+            with context_ablation(m, keep, **kw):
+                m(_images(2, 1))
+        return run
+
+    from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
+
+    return {
+        # layers and heads
+        "layer out of range": (ko(edges="self_only", layers=[3]), OutOfRangeError, "out of range.*0..2"),
+        "negative layer out of range": (ko(edges="self_only", layers=-4), OutOfRangeError, "out of range"),
+        "layer as a string": (ko(edges="self_only", layers="0"), InputTypeError, "layers must be an int or a sequence"),
+        "layer as a float": (ko(edges="self_only", layers=[1.5]), InputTypeError, "layers must be an int"),
+        "head out of range": (ko(edges="self_only", heads=[3]), OutOfRangeError, "out of range for 3 heads"),
+        "negative head out of range": (ko(edges="self_only", heads=-4), OutOfRangeError, "out of range for 3 heads"),
+        "head as a float": (ko(edges="self_only", heads=[0.5]), InputTypeError, "heads must be an int"),
+        "head as a string": (ko(edges="self_only", heads="all"), InputTypeError, "heads must be an int"),
+        "heads dict, layer out of range": (ko(edges="self_only", heads={3: [0]}), OutOfRangeError,
+                                           "layer 3 out of range.*blocks that exist"),
+        "heads dict, head out of range": (ko(edges="self_only", heads={0: [5]}), OutOfRangeError, "out of range"),
+        "heads dict, layer not knocked out": (ko(edges="self_only", layers=[0], heads={1: [0]}), InputError,
+                                              "not knocked out"),
+        "head mask of the wrong size": (ko(edges="self_only", heads=torch.ones(4, dtype=torch.bool)), InputError,
+                                        r"shape \[3\]"),
+        # edge sets and modes
+        "unknown edge set": (ko(edges="selfonly"), InputError, "unknown edge set 'selfonly'; did you mean 'self_only'"),
+        "edges of the wrong type": (ko(edges=3), InputTypeError, "edges must be one of"),
+        "edge mask not boolean": (ko(edges=torch.zeros(17, 17)), InputTypeError, "must be boolean"),
+        "edge mask of the wrong size": (ko(edges=torch.zeros(16, 16, dtype=torch.bool)), InputError,
+                                        r"\[17, 17\].*grid_size"),
+        "edge mask with an empty batch": (ko(edges=torch.zeros(0, 17, 17, dtype=torch.bool)), InputError,
+                                          r"\[batch, 17, 17\]"),
+        "edge mask for 3 images, batch of 2": (ko(edges=knockout_edges_3()), InputError,
+                                               "3 per-image masks.*batch has 2"),
+        "no-op edge mask for 3 images, batch of 2": (ko(edges=torch.zeros(3, 17, 17, dtype=torch.bool)), InputError,
+                                                     "3 per-image masks.*batch has 2"),
+        "paper mode, 3 images, batch of 2": (ko(edges=knockout_edges_3(), mode="paper"), InputError,
+                                             "3 per-image masks.*batch has 2"),
+        "unknown mode": (ko(edges="self_only", mode="zero"), InputError, "mode must be 'mask'.*'zero_edges'"),
+        "paper mode, cls_no_image": (ko(edges="cls_no_image", mode="paper"), InputError,
+                                     "defined only for the edge sets.*mode='zero_edges'"),
+        "within without token_mask": (ko(edges="within"), InputError, "needs token_mask"),
+        "within, wrong-size token_mask": (ko(edges="within", token_mask=torch.ones(3, 3, dtype=torch.bool)),
+                                          InputError, r"\[4, 4\].*got \(3, 3\)"),
+        "within, float token_mask": (ko(edges="within", token_mask=torch.ones(4, 4)), InputTypeError, "boolean"),
+        "within, 3 masks for a batch of 2": (ko(edges="within", token_mask=B4[None].expand(3, 4, 4)), InputError,
+                                             "3 per-image masks.*batch has 2"),
+        "bad grid_size": (ko(edges="self_only", grid_size=(4,)), InputTypeError, r"grid_size must be \(rows, cols\)"),
+        "zero grid_size": (ko(edges="self_only", grid_size=(0, 4)), InputError, "positive"),
+        # context ablation
+        "keep of the wrong size": (ca(torch.ones(3, 3, dtype=torch.bool)), InputError, r"keep has shape \(3, 3\)"),
+        "keep as floats": (ca(torch.ones(4, 4)), InputTypeError, "keep must be a boolean mask.*float32"),
+        "keep as ints": (ca(torch.ones(4, 4, dtype=torch.long)), InputTypeError, "keep must be a boolean mask.*int64"),
+        "keep is None": (ca(None), InputTypeError, "keep is None"),
+        "keep of strings": (ca("all"), InputTypeError, "keep must be a boolean mask"),
+        "keep, a scalar": (ca(torch.tensor(True)), InputError, r"keep has shape \(\)"),
+        "keep for 3 images, batch of 2": (ca(~torch.eye(4, dtype=torch.bool)[None].expand(3, 4, 4)), InputError,
+                                          "3 per-image masks.*batch has 2"),
+        "keep for 3 images, batch of 2, attention": (ca(~torch.eye(4, dtype=torch.bool)[None].expand(3, 4, 4),
+                                                        method="attention"), InputError,
+                                                     "3 per-image masks.*batch has 2"),
+        "keep, unknown method": (ca(B4, method="drop"), InputError, "method must be 'remove' or 'attention'"),
+        "keep, uneven counts with remove": (ca(torch.stack([B4, ~B4 | torch.eye(4, dtype=torch.bool)])), InputError,
+                                            "same number of kept tokens.*method='attention'"),
+        # masks and comparisons
+        "box with a non-number": (lambda m: grid_mask_from_box((0, 0, "a", 3), m), InputTypeError, "four numbers"),
+        "box with NaN": (lambda m: grid_mask_from_box((0, 0, float("nan"), 3), m), InputError, "non-finite"),
+        "box, min_overlap > 1": (lambda m: grid_mask_from_box((0, 0, 8, 8), m, min_overlap=2), InputError, r"\[0, 1\]"),
+        "grid mask of the wrong size": (lambda m: token_mask_from_grid(torch.ones(3, 3, dtype=torch.bool), m),
+                                        InputError, r"\[4, 4\].*got \(3, 3\)"),
+        "comparison, wrong-size masks": (lambda m: context_comparison(m, _images(2), 0, torch.ones(3, 3, dtype=torch.bool),
+                                                                       progress=False), InputError, r"got \(3, 3\)"),
+        "comparison, 3 masks for 2 images": (lambda m: context_comparison(m, _images(2), 0, B4[None].expand(3, 4, 4),
+                                                                           progress=False), InputError,
+                                             "3 per-image masks for a batch of 2"),
+        "comparison, 3 classes for 2 images": (lambda m: context_comparison(m, _images(2), [0, 1, 2], B4, progress=False),
+                                               InputError, "3 targets for a batch of 2"),
+        "comparison, layer out of range": (lambda m: context_comparison(m, _images(2), 0, B4, layers=[9],
+                                                                         progress=False), OutOfRangeError, "layer 9"),
+        "comparison, class out of range": (lambda m: context_comparison(m, _images(2), 9, B4, progress=False),
+                                           OutOfRangeError, "class index 9 out of range"),
+        "comparison, float masks": (lambda m: context_comparison(m, _images(2), 0, torch.ones(4, 4), progress=False),
+                                    InputTypeError, "class_masks must be a boolean mask"),
+        "comparison, images not a tensor": (lambda m: context_comparison(m, [[0.0]], 0, B4, progress=False),
+                                            InputTypeError, "preprocessed batch tensor"),
+    }
+
+
+def knockout_edges_3():
+    """self_only for a 1 + 16 token model (image tokens attend only to themselves), for 3 images."""
+    e = torch.zeros(17, 17, dtype=torch.bool)
+    e[1:] = True
+    return (e & ~torch.eye(17, dtype=torch.bool))[None].expand(3, 17, 17)
+
+
+_HOSTILE = _hostile_cases()
+
+
+@pytest.mark.parametrize("case", list(_HOSTILE))
+def test_hostile_inputs_raise_library_errors_and_touch_no_weight(pair, case):
+    from vit_lens.core.errors import VitLensError
+
+    _, m = pair
+    run, exc, pattern = _HOSTILE[case]
+    before = _weights_hash(m)
+    with pytest.raises(exc, match=pattern) as err:
+        run(m)
+    assert isinstance(err.value, VitLensError)
+    assert _weights_hash(m) == before
+    assert all(blk.attn.attn_mask is None for blk in m.blocks)  # nothing left behind
+    assert not any(hp._forward_hooks for _, hp in m.hook_dict.items())
+
+
+def test_knockout_and_context_ablation_touch_no_weight(pair):
+    _, m = pair
+    before = _weights_hash(m)
+    x = _images(2, 2)
+    for mode in ("mask", "paper", "zero_edges"):
+        for edges in ("self_only", "no_cls"):
+            with attention_knockout(m, edges, mode=mode, layers=[0, 2], heads=[1]):
+                m.run_with_cache(x)
+    keep = torch.zeros(4, 4, dtype=torch.bool)
+    keep[0] = True
+    for method in ("remove", "attention"):
+        with context_ablation(m, keep, method=method):
+            m.run_with_cache(x)
+    context_comparison(m, x, 0, keep, progress=False)
+    assert _weights_hash(m) == before

@@ -2,15 +2,32 @@
 
 Attention knockout
     Remove chosen attention edges (query token -> key token), in any subset of layers and heads.
-    Two modes:
+    ``A`` below is a layer's softmaxed attention pattern ``[batch, head, query_pos, key_pos]``
+    (``blocks.{l}.attn.hook_pattern``). Three modes:
 
-    * ``"mask"``: the scores of removed edges are set to ``-inf`` before the softmax, so every
-      query's remaining attention is renormalised to sum to 1. Implemented with each attention
-      module's ``attn_mask``, so the fused attention kernel keeps running unless the pattern itself
-      is hooked (then the materialised path applies the same mask).
-    * ``"paper"``: the attention probabilities of removed edges are set to 0 *after* the softmax
-      and the rows are **not** renormalised (what Vilas et al., 2023 do). Implemented with a hook
-      on ``blocks.{l}.attn.hook_pattern`` (which materialises the pattern).
+    * ``"mask"`` (default): the scores of removed edges are set to ``-inf`` before the softmax, so
+      every query's remaining attention is renormalised to sum to 1. Any edge set. Implemented with
+      each attention module's ``attn_mask``, so the fused attention kernel keeps running unless the
+      pattern itself is hooked (then the materialised path applies the same mask).
+    * ``"paper"``: the edits Vilas et al. (2023) make to ``A`` after the softmax, for the edge sets
+      the paper uses:
+
+      - ``"self_only"``: every image-token query row is replaced by a one-hot on the diagonal
+        (``A[t, :] = 0; A[t, t] = 1`` for every image token ``t``), so the edited rows sum to 1
+        (this is the same pattern ``"mask"`` mode gives for these edges);
+      - ``"no_cls"``: the [CLS] column of every image-token query is set to 0 (``A[t, 0] = 0``) and
+        the row is not renormalised (it sums to ``1 - A[t, 0]`` of the plain run);
+      - ``"none"``: nothing.
+
+      A boolean edge mask equal to one of these edge sets (per image, too) gets that edit; any
+      other edge set (``"cls_no_image"``, ``"within"``, other masks) is refused, since the paper
+      defines no operation for it: use ``"mask"`` or ``"zero_edges"``. Implemented with a hook on
+      ``blocks.{l}.attn.hook_pattern`` (which materialises the pattern).
+    * ``"zero_edges"``: the probabilities of the removed edges are set to 0 after the softmax and
+      nothing else changes: rows are not renormalised and no weight moves anywhere, so a query row
+      sums to 1 minus the probability it lost (for ``"self_only"`` only ``A[t, t]`` is left, at
+      its softmax value, so the rows sum to ``A[t, t]``, not 1). Any edge set. (Before the paper's
+      one-hot edit was implemented, this was what ``mode="paper"`` computed.)
 
     Edges are given as a boolean ``[query_pos, key_pos]`` mask where **True means the edge is
     removed** (``[batch, query_pos, key_pos]`` for one mask per image), or by name
@@ -35,6 +52,8 @@ Context ablation
 
 from __future__ import annotations
 
+import difflib
+import operator
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,14 +61,16 @@ from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequen
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
-from vit_lens.core import head_mask, position_mask, resolve_layers, resolve_targets
-from vit_lens.core.errors import InputError, InputTypeError
+from vit_lens.core import head_mask, int_list, position_mask, resolve_layers, resolve_targets
+from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
 
 __all__ = [
     "EDGE_SETS",
+    "KNOCKOUT_MODES",
+    "PAPER_EDGE_SETS",
     "KnockoutMode",
     "ContextAblation",
     "attention_knockout",
@@ -63,8 +84,10 @@ __all__ = [
     "token_mask_from_grid",
 ]
 
-KnockoutMode = Literal["mask", "paper"]
+KnockoutMode = Literal["mask", "paper", "zero_edges"]
+KNOCKOUT_MODES = ("mask", "paper", "zero_edges")
 EDGE_SETS = ("none", "self_only", "no_cls", "cls_no_image", "within")
+PAPER_EDGE_SETS = ("none", "self_only", "no_cls")  # the edge sets mode="paper" has a definition for
 Heads = Union[None, int, Sequence[int], Mapping[int, Sequence[int]]]
 
 
@@ -73,6 +96,40 @@ Heads = Union[None, int, Sequence[int], Mapping[int, Sequence[int]]]
 # =============================================================================================
 def _cfg(model: Any):
     return getattr(model, "cfg", model)
+
+
+def _grid(cfg: Any, grid_size: Any) -> Tuple[int, int]:
+    """(rows, cols): ``grid_size`` checked, or the model's native grid."""
+    if grid_size is None:
+        return tuple(cfg.grid_size)
+    try:
+        rows, cols = (operator.index(v) for v in grid_size)
+    except (TypeError, ValueError):
+        raise InputTypeError(f"grid_size must be (rows, cols), two ints, got {grid_size!r}") from None
+    if rows <= 0 or cols <= 0:
+        raise InputError(f"grid_size must be two positive ints (rows, cols), got {grid_size!r}")
+    return rows, cols
+
+
+_MASK_HINT = "build one with grid_mask_from_box / grid_mask_from_segmentation"
+
+
+def _bool_tensor(x: Any, what: str, meaning: str) -> Tensor:
+    """``x`` as a boolean tensor, or an InputTypeError that says what to pass instead."""
+    if x is None:
+        raise InputTypeError(f"{what} is None: pass a boolean mask (True = {meaning}); {_MASK_HINT}")
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputTypeError(
+            f"{what} must be a boolean mask (True = {meaning}), got {type(x).__name__}; {_MASK_HINT}"
+        ) from None
+    if t.dtype != torch.bool:
+        raise InputTypeError(
+            f"{what} must be a boolean mask (True = {meaning}), got dtype {t.dtype}; "
+            f"{_MASK_HINT}, or compare a label map with a value (seg == label)"
+        )
+    return t
 
 
 def grid_mask_from_box(
@@ -97,10 +154,20 @@ def grid_mask_from_box(
     Returns:
         bool ``[rows, cols]`` over the patch grid.
     """
+    import math
+
     cfg = _cfg(model)
-    if len(box) != 4:
+    try:
+        coords = [float(v) for v in box]
+    except (TypeError, ValueError):
+        raise InputTypeError(f"box must be four numbers (x0, y0, x1, y1) in pixels, got {box!r}") from None
+    if len(coords) != 4:
         raise InputError(f"box must be (x0, y0, x1, y1), got {box!r}")
-    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in coords):
+        raise InputError(f"box {tuple(box)} has a non-finite coordinate; give four finite pixel coordinates")
+    if not 0.0 <= float(min_overlap) <= 1.0:
+        raise InputError(f"min_overlap is a fraction of a patch's area, in [0, 1]; got {min_overlap!r}")
+    x0, y0, x1, y1 = coords
     if x1 <= x0 or y1 <= y0:
         raise InputError(f"box {tuple(box)} is empty: need x0 < x1 and y0 < y1 (pixels, y down)")
     H, W = cfg.image_size
@@ -171,24 +238,36 @@ def token_mask_from_grid(
     model: Any,
     *,
     prefix: bool = True,
+    grid_size: Optional[Tuple[int, int]] = None,
 ) -> Bool[Tensor, "... pos"]:
-    """A patch-grid mask ``[rows, cols]`` (or ``[B, rows, cols]``, or flat ``[..., n_patches]``)
-    as a mask over the whole sequence; the prefix tokens get ``prefix``."""
+    """A patch-grid mask as a mask over the whole sequence; the prefix tokens get ``prefix``.
+
+    Args:
+        grid_mask: bool ``[rows, cols]``, ``[batch, rows, cols]``, ``[n_patches]`` or
+            ``[batch, n_patches]`` (patches row by row).
+        model: the :class:`~vit_lens.HookedViT` (or its config).
+        prefix: the value of the prefix tokens ([CLS], ...).
+        grid_size: (rows, cols) for images of another size than the model's native one.
+
+    Returns:
+        bool ``[pos]`` or ``[batch, pos]`` with ``pos = n_prefix_tokens + rows * cols``.
+
+    Raises:
+        InputError: for any other shape (a mask for another grid is never reshaped to fit).
+    """
     cfg = _cfg(model)
-    g = torch.as_tensor(grid_mask)
-    if g.dtype != torch.bool:
-        raise InputTypeError(f"expected a boolean mask, got dtype {g.dtype}")
-    rows, cols = cfg.grid_size
-    if g.ndim >= 2 and tuple(g.shape[-2:]) == (rows, cols):
-        flat = g.reshape(*g.shape[:-2], rows * cols)
-    elif g.shape[-1] == cfg.n_patches:
+    rows, cols = _grid(cfg, grid_size)
+    g = _bool_tensor(grid_mask, "the patch-grid mask", "the patch is selected")
+    shape = tuple(g.shape)
+    if g.ndim in (2, 3) and shape[-2:] == (rows, cols):
+        flat = g.reshape(*shape[:-2], rows * cols)
+    elif g.ndim in (1, 2) and shape[-1] == rows * cols:
         flat = g
-    elif g.ndim >= 2:
-        flat = g.reshape(*g.shape[:-2], -1)  # another grid size (dynamic image sizes)
     else:
         raise InputError(
-            f"expected a patch-grid mask [{rows}, {cols}] or [{cfg.n_patches}] (optionally with a batch axis), "
-            f"got {tuple(g.shape)}"
+            f"expected a patch-grid mask [rows, cols] = [{rows}, {cols}] or [n_patches] = [{rows * cols}] "
+            f"(optionally with a batch axis in front), got {shape}; build it for this model "
+            "(grid_mask_from_box / grid_mask_from_segmentation), or pass grid_size= for images of another size"
         )
     pre = torch.full((*flat.shape[:-1], cfg.n_prefix_tokens), prefix, dtype=torch.bool)
     return torch.cat([pre, flat.cpu()], dim=-1)
@@ -220,25 +299,26 @@ def knockout_edges(
             * a boolean tensor ``[query_pos, key_pos]`` or ``[batch, query_pos, key_pos]``,
               True = remove the edge.
         token_mask: for ``"within"``: a boolean mask over the sequence ``[pos]`` / ``[batch, pos]``,
-            or over the patch grid ``[rows, cols]`` / ``[batch, rows, cols]`` (prefix tokens then
-            count as inside).
+            or over the patch grid ``[rows, cols]`` / ``[batch, rows, cols]`` / ``[n_patches]`` /
+            ``[batch, n_patches]`` (prefix tokens then count as inside).
         grid_size: (rows, cols) if not the model's native grid.
 
     Returns:
         bool ``[P, P]`` (or ``[batch, P, P]``), True where the edge is removed.
     """
     cfg = _cfg(model)
-    rows, cols = grid_size or cfg.grid_size
+    rows, cols = _grid(cfg, grid_size)
     n_pre = cfg.n_prefix_tokens
     P = n_pre + rows * cols
     if isinstance(edges, Tensor):
         if edges.dtype != torch.bool:
             raise InputTypeError(f"an edge mask must be boolean (True = remove the edge), got dtype {edges.dtype}")
-        if edges.ndim not in (2, 3) or tuple(edges.shape[-2:]) != (P, P):
+        if edges.ndim not in (2, 3) or tuple(edges.shape[-2:]) != (P, P) or edges.shape[0] == 0:
             raise InputError(
                 f"an edge mask must be [query_pos, key_pos] = [{P}, {P}] or [batch, {P}, {P}], got {tuple(edges.shape)}"
+                + ("" if grid_size is not None else "; for images of another size pass grid_size=(rows, cols)")
             )
-        return edges
+        return edges.cpu()
     if not isinstance(edges, str):
         raise InputTypeError(f"edges must be one of {EDGE_SETS} or a boolean tensor, got {type(edges).__name__}")
     is_img = torch.zeros(P, dtype=torch.bool)
@@ -259,40 +339,64 @@ def knockout_edges(
     if edges == "within":
         if token_mask is None:
             raise InputError("edges='within' needs token_mask (a boolean mask over positions or over the patch grid)")
-        m = torch.as_tensor(token_mask)
-        if m.shape[-1] != P:
-            m = token_mask_from_grid(m, cfg, prefix=True) if (rows, cols) == tuple(cfg.grid_size) else _grid_tokens(m, n_pre)
-        m = m.cpu()
+        m = _bool_tensor(token_mask, "token_mask", "the token is inside")
+        is_grid = m.ndim in (2, 3) and tuple(m.shape[-2:]) == (rows, cols)
+        if m.ndim in (1, 2) and m.shape[-1] == P and not is_grid:
+            m = m.cpu()  # over the whole sequence
+        else:
+            m = token_mask_from_grid(m, cfg, prefix=True, grid_size=(rows, cols))
+        if m.ndim == 2 and m.shape[0] == 0:
+            raise InputError("token_mask has an empty batch axis; give one mask, or one per image")
         return m[..., :, None] & ~m[..., None, :]
-    raise InputError(f"unknown edge set {edges!r}; choose one of {EDGE_SETS} or pass a boolean [query, key] mask")
+    close = difflib.get_close_matches(edges, EDGE_SETS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise InputError(f"unknown edge set {edges!r}; {hint}choose one of {EDGE_SETS} or pass a boolean [query, key] mask")
 
 
-def _grid_tokens(m: Tensor, n_pre: int) -> Tensor:
-    flat = m.reshape(*m.shape[:-2], -1) if m.ndim >= 2 else m
-    pre = torch.ones((*flat.shape[:-1], n_pre), dtype=torch.bool)
-    return torch.cat([pre, flat], -1)
+def _check_mode(mode: Any) -> None:
+    if not isinstance(mode, str) or mode not in KNOCKOUT_MODES:
+        raise InputError(
+            f"mode must be 'mask' (scores -inf before the softmax, rows renormalised), 'paper' (the paper's "
+            "edits: one-hot rows for 'self_only', the [CLS] column zeroed for 'no_cls') or 'zero_edges' "
+            f"(removed probabilities zeroed after the softmax, not renormalised), got {mode!r}"
+        )
 
 
 def _heads_for(model: Any, layers: List[int], heads: Heads) -> Dict[int, Optional[Tensor]]:
-    """layer -> bool [n_heads] (None = all heads)."""
+    """layer -> bool [n_heads] (None = all heads); layer keys and head indices range-checked."""
+
     if isinstance(heads, Mapping):
         L = model.cfg.n_layers
-        per = {int(k) % L: v for k, v in heads.items()}
+        per = {}
+        for key, v in heads.items():
+            ks = int_list(key, "the layers (keys) of a heads dict")
+            if len(ks) != 1:
+                raise InputTypeError(f"a heads dict maps one layer (an int) to its heads, got the key {key!r}")
+            k = ks[0]
+            if not -L <= k < L:
+                raise OutOfRangeError(
+                    f"heads given for layer {k} out of range for a model with {L} blocks (0..{L - 1}); "
+                    "give {layer: heads} for blocks that exist"
+                )
+            per[k % L] = v
         unknown = set(per) - set(layers)
         if unknown:
             raise InputError(f"heads given for layers {sorted(unknown)} that are not knocked out (layers={layers})")
         return {l: head_mask(model, per[l]) if l in per else None for l in layers}
-    return {l: head_mask(model, heads) for l in layers}
+    m = head_mask(model, heads)
+    return {l: m for l in layers}
 
 
 def _blocked_per_layer(
     model: Any, edges: Union[str, Tensor], layers: Any, heads: Heads, token_mask: Optional[Tensor],
     grid_size: Optional[Tuple[int, int]],
-) -> Dict[int, Tensor]:
-    """layer -> bool [batch or 1, heads or 1, P, P], True = edge removed (layers with no edge left out)."""
+) -> Tuple[Dict[int, Tensor], Tuple[int, int, int]]:
+    """(layer -> bool [batch or 1, heads or 1, P, P], True = edge removed (layers with no edge
+    left out); the edge mask's shape (batch or 1, P, P) for the run-time checks)."""
     blocked = knockout_edges(model, edges, token_mask=token_mask, grid_size=grid_size)
     if blocked.ndim == 2:
         blocked = blocked[None]
+    shape = tuple(blocked.shape)
     blocked = blocked[:, None]  # [B|1, 1, P, P]
     layer_list = resolve_layers(layers, model, allow_empty=True)
     out = {}
@@ -300,11 +404,64 @@ def _blocked_per_layer(
         b = blocked if h is None else blocked & h[None, :, None, None]
         if bool(b.any()):
             out[l] = b
-    return out
+    return out, shape
+
+
+def _paper_edits(
+    model: Any, edges: Union[str, Tensor], token_mask: Optional[Tensor], grid_size: Optional[Tuple[int, int]]
+) -> Tuple[Tensor, Tensor]:
+    """The paper's edits for an edge set: ``(one_hot, zero)`` with ``one_hot`` bool ``[B|1, P]``
+    (query rows replaced by a one-hot on the diagonal) and ``zero`` bool ``[B|1, P, P]`` (entries
+    set to 0, rows not renormalised). Edge sets the paper has no operation for are refused."""
+    cfg = _cfg(model)
+    refuse = (
+        "mode='paper' is the paper's operation and is defined only for the edge sets {sets}; {what} is none of "
+        "them: use mode='mask' (scores -inf before the softmax, rows renormalised) or mode='zero_edges' "
+        "(removed probabilities zeroed after the softmax, not renormalised)"
+    )
+    if isinstance(edges, str) and edges in EDGE_SETS and edges not in PAPER_EDGE_SETS:
+        raise InputError(refuse.format(sets=PAPER_EDGE_SETS, what=f"edges={edges!r}"))
+    blocked = knockout_edges(model, edges, token_mask=token_mask, grid_size=grid_size)
+    b = blocked if blocked.ndim == 3 else blocked[None]
+    B, P = b.shape[0], b.shape[-1]
+    self_only = knockout_edges(cfg, "self_only", grid_size=grid_size)
+    no_cls = knockout_edges(cfg, "no_cls", grid_size=grid_size) if cfg.has_class_token else None
+    is_img = torch.zeros(P, dtype=torch.bool)
+    is_img[cfg.n_prefix_tokens:] = True
+    one_hot = torch.zeros(B, P, dtype=torch.bool)
+    zero = torch.zeros(B, P, P, dtype=torch.bool)
+    for i in range(B):
+        if not bool(b[i].any()):
+            continue
+        if torch.equal(b[i], self_only):
+            one_hot[i] = is_img
+        elif no_cls is not None and torch.equal(b[i], no_cls):
+            zero[i] = no_cls
+        else:
+            what = "this edge mask" + (f" (image {i})" if B > 1 else "")
+            raise InputError(refuse.format(sets=PAPER_EDGE_SETS, what=what))
+    return one_hot, zero
+
+
+def _paper_per_layer(
+    model: Any, edges: Union[str, Tensor], layers: Any, heads: Heads, token_mask: Optional[Tensor],
+    grid_size: Optional[Tuple[int, int]],
+) -> Tuple[Dict[int, Tuple[Tensor, Tensor]], Tuple[int, int, int]]:
+    """layer -> (one_hot bool [B|1, H|1, P], zero bool [B|1, H|1, P, P]), layers with no edit left out."""
+    one_hot, zero = _paper_edits(model, edges, token_mask, grid_size)
+    shape = tuple(zero.shape)
+    one_hot, zero = one_hot[:, None], zero[:, None]
+    out = {}
+    for l, h in _heads_for(model, resolve_layers(layers, model, allow_empty=True), heads).items():
+        oh = one_hot if h is None else one_hot & h[None, :, None]
+        z = zero if h is None else zero & h[None, :, None, None]
+        if bool(oh.any()) or bool(z.any()):
+            out[l] = (oh, z)
+    return out, shape
 
 
 class _ShapeGuard:
-    """A forward pre-hook on an attention module that checks the knockout mask fits the run."""
+    """A forward pre-hook on an attention module that checks a mask fits the run."""
 
     def __init__(self, shape: Tuple[int, ...], what: str):
         self.shape = shape
@@ -312,15 +469,22 @@ class _ShapeGuard:
 
     def __call__(self, module: Any, args: Tuple[Tensor, ...]) -> None:
         x = args[0]
-        B, N = x.shape[0], x.shape[1]
-        b, q, k = self.shape[0], self.shape[-2], self.shape[-1]
-        if q not in (1, N) or k != N:
-            raise InputError(
-                f"the {self.what} mask is for {q} tokens but this run has {N}; build it for this "
-                "image size (grid_size=...) or run images of the model's native size"
-            )
-        if b not in (1, B):
-            raise InputError(f"the {self.what} mask has one entry per image for {b} images, but the batch has {B}")
+        _check_run(self.shape[0], self.shape[-1], x.shape[0], x.shape[1], self.what)
+
+
+def _check_run(mask_batch: int, mask_tokens: int, batch: int, tokens: int, what: str) -> None:
+    """Refuse a run whose batch size or tokens per image do not fit a mask."""
+    if mask_tokens != tokens:
+        raise InputError(
+            f"the {what} mask is for {mask_tokens} tokens per image but this run has {tokens}; build it for "
+            "this image size (grid_size=(rows, cols)) or run images of the model's native size"
+        )
+    if mask_batch not in (1, batch):
+        raise InputError(
+            f"the {what} mask has {mask_batch} per-image masks (one entry per image for {mask_batch} images), "
+            f"but the batch has {batch}; "
+            "give one mask for all images or exactly one per image"
+        )
 
 
 @contextmanager
@@ -342,6 +506,26 @@ def _attn_masks(model: Any, allow: Dict[int, Tensor], what: str) -> Iterator[Non
             model.blocks[l].attn.attn_mask = prev
 
 
+@contextmanager
+def _guard_only(model: Any, shape: Tuple[int, ...], what: str) -> Iterator[None]:
+    """Only the run-time check of a mask that edits nothing (so a misfit mask is refused anyway)."""
+    handle = model.blocks[0].attn.register_forward_pre_hook(_ShapeGuard(shape, what)) if model.cfg.n_layers else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _fit_hook(shape: Tuple[int, ...], what: str) -> Any:
+    """A ``hook_embed`` hook ([B, P, D]) that checks a mask of shape ``(batch or 1, ..., P)`` fits the run."""
+
+    def check(x: Tensor, hook: Any = None) -> None:
+        _check_run(shape[0], shape[-1], x.shape[0], x.shape[1], what)
+
+    return check
+
+
 def knockout_hooks(
     model: Any,
     edges: Union[str, Tensor] = "self_only",
@@ -356,44 +540,67 @@ def knockout_hooks(
 
     ``mode="mask"`` hooks ``blocks.{l}.attn.hook_attn_scores`` (scores of removed edges -> -inf,
     then the usual softmax renormalises); ``mode="paper"`` hooks ``blocks.{l}.attn.hook_pattern``
-    (probabilities of removed edges -> 0, no renormalisation). Both materialise the pattern;
-    :func:`attention_knockout` with ``mode="mask"`` gives the same result with the fused kernel.
-    Arguments as in :func:`attention_knockout`.
+    with the paper's edits (``"self_only"``: image-token rows -> one-hot on the diagonal;
+    ``"no_cls"``: ``A[t, 0] -> 0``, not renormalised); ``mode="zero_edges"`` hooks
+    ``hook_pattern`` too (probabilities of removed edges -> 0, nothing else changes). All of them
+    materialise the pattern; :func:`attention_knockout` with ``mode="mask"`` gives the same result
+    with the fused kernel. Arguments as in :func:`attention_knockout`.
+
+    Returns:
+        ``[(hook_name, hook_fn), ...]``; empty when nothing is removed (a per-image edge mask
+        that removes nothing still gets a ``hook_embed`` hook that checks the batch size).
     """
-    if mode not in ("mask", "paper"):
-        raise InputError(f"mode must be 'mask' (-inf before the softmax) or 'paper' (zero after it), got {mode!r}")
-    blocked = _blocked_per_layer(model, edges, layers, heads, token_mask, grid_size)
+    _check_mode(mode)
+    if mode == "paper":
+        edits, shape = _paper_per_layer(model, edges, layers, heads, token_mask, grid_size)
+    else:
+        edits, shape = _blocked_per_layer(model, edges, layers, heads, token_mask, grid_size)
+    if not edits:
+        return [("hook_embed", _fit_hook(shape, "knockout"))] if shape[0] > 1 else []
     hooks = []
-    for l, b in blocked.items():
+    for l, e in edits.items():
         if mode == "mask":
 
-            def hook(scores: Tensor, hook: Any = None, *, _b=b) -> Tensor:
+            def hook(scores: Tensor, hook: Any = None, *, _b=e) -> Tensor:
                 _check_fit(_b, scores, "knockout")
                 return scores.masked_fill(_b.to(scores.device), float("-inf"))
 
             hooks.append((f"blocks.{l}.attn.hook_attn_scores", hook))
-            if bool(b.all(-1).any()):  # a query with no key left attends to nothing (as the fused path)
+            if bool(e.all(-1).any()):  # a query with no key left attends to nothing (as the fused path)
 
                 def fix(pattern: Tensor, hook: Any = None) -> Tensor:
                     return torch.nan_to_num(pattern)
 
                 hooks.append((f"blocks.{l}.attn.hook_pattern", fix))
-        else:
+        elif mode == "zero_edges":
 
-            def hook(pattern: Tensor, hook: Any = None, *, _b=b) -> Tensor:
+            def hook(pattern: Tensor, hook: Any = None, *, _b=e) -> Tensor:
                 _check_fit(_b, pattern, "knockout")
                 return pattern.masked_fill(_b.to(pattern.device), 0.0)
+
+            hooks.append((f"blocks.{l}.attn.hook_pattern", hook))
+        else:
+            oh, z = e
+
+            def hook(
+                pattern: Tensor, hook: Any = None, *, _oh=oh, _z=z, _any_oh=bool(oh.any()), _any_z=bool(z.any())
+            ) -> Tensor:
+                _check_fit(_z, pattern, "knockout")
+                out = pattern
+                if _any_z:  # A[t, k] = 0 for the removed edges, no renormalisation
+                    out = out.masked_fill(_z.to(pattern.device), 0.0)
+                if _any_oh:  # A[t, :] = 0; A[t, t] = 1
+                    eye = torch.eye(pattern.shape[-2], pattern.shape[-1], dtype=pattern.dtype, device=pattern.device)
+                    out = torch.where(_oh.to(pattern.device)[..., None], eye, out)
+                return out
 
             hooks.append((f"blocks.{l}.attn.hook_pattern", hook))
     return hooks
 
 
 def _check_fit(mask: Tensor, x: Tensor, what: str) -> None:
-    if mask.shape[-1] != x.shape[-1] or mask.shape[0] not in (1, x.shape[0]):
-        raise InputError(
-            f"the {what} mask {tuple(mask.shape)} does not fit attention of shape {tuple(x.shape)} "
-            "(tokens per image and batch size must match)"
-        )
+    """mask [B|1, H|1, P, P] against attention [batch, heads, P, P]."""
+    _check_run(mask.shape[0], mask.shape[-1], x.shape[0], x.shape[-1], what)
 
 
 @contextmanager
@@ -410,42 +617,63 @@ def attention_knockout(
     """Context manager: every forward pass inside it runs with the attention edges removed.
 
     Composes with ``model(...)``, ``run_with_cache`` (caches show the knocked-out pattern),
-    ``run_with_hooks`` and with other knockouts (masks are combined). The model's weights are not
-    touched; everything is undone on exit.
+    ``run_with_hooks`` and with other knockouts (masks are combined; paper-mode edits are applied
+    one after the other). The model's weights are not touched; everything is undone on exit.
 
     Args:
         model: the :class:`~vit_lens.HookedViT`.
         edges: which edges to remove (True = removed): a name from :data:`EDGE_SETS` or a
-            boolean mask, see :func:`knockout_edges`.
+            boolean mask ``[P, P]`` / ``[batch, P, P]``, see :func:`knockout_edges`.
         layers: layers to knock out (an int, a sequence, default all; negative from the end).
         heads: heads to knock out in each layer (a sequence, default all) or a dict
             ``{layer: heads}``.
-        mode: ``"mask"`` (scores -inf before the softmax, rows renormalised; fused attention stays
-            fused) or ``"paper"`` (probabilities zeroed after the softmax, not renormalised; uses a
-            hook on ``hook_pattern``).
+        mode: on the softmaxed pattern ``A`` ``[batch, head, query, key]``:
+
+            * ``"mask"``: scores of removed edges -inf before the softmax, rows renormalised (any
+              edges; the fused attention stays fused).
+            * ``"paper"``: the paper's edits (Vilas et al. 2023), only for :data:`PAPER_EDGE_SETS`:
+              ``"self_only"``: every image-token row becomes a one-hot on the diagonal
+              (``A[t, :] = 0; A[t, t] = 1``; rows sum to 1); ``"no_cls"``: ``A[t, 0] = 0`` for
+              every image token ``t``, not renormalised. Other edges are refused.
+            * ``"zero_edges"``: ``A`` of removed edges set to 0, nothing else changed (rows sum
+              to 1 minus what they lost; any edges).
+
+            ``"paper"`` and ``"zero_edges"`` hook ``hook_pattern``.
         token_mask: for ``edges="within"``.
         grid_size: (rows, cols) for images of another size than the model's native one.
 
     Yields:
         the model.
 
+    Raises:
+        InputError / InputTypeError / OutOfRangeError: for unknown edge sets or modes, edge masks
+        of the wrong shape or dtype, layers or heads that do not exist, edges the paper defines
+        no operation for (``mode="paper"``); inside, for a run whose batch size or image size
+        does not fit a per-image or ``grid_size`` mask.
+
     Example::
 
         with attention_knockout(model, "self_only", mode="paper"):
             logits, cache = model.run_with_cache(images)
     """
-    if mode not in ("mask", "paper"):
-        raise InputError(f"mode must be 'mask' (-inf before the softmax) or 'paper' (zero after it), got {mode!r}")
-    blocked = _blocked_per_layer(model, edges, layers, heads, token_mask, grid_size)
-    if not blocked:  # nothing removed: the plain forward, exactly
-        yield model
+    _check_mode(mode)
+    if mode == "paper":
+        edits, shape = _paper_per_layer(model, edges, layers, heads, token_mask, grid_size)
+    else:
+        edits, shape = _blocked_per_layer(model, edges, layers, heads, token_mask, grid_size)
+    if not edits:  # nothing removed: the plain forward, exactly (a per-image mask's fit is still checked)
+        if shape[0] > 1:
+            with _guard_only(model, shape, "knockout"):
+                yield model
+        else:
+            yield model
         return
     if mode == "mask":
-        with _attn_masks(model, {l: ~b for l, b in blocked.items()}, "knockout"):
+        with _attn_masks(model, {l: ~b for l, b in edits.items()}, "knockout"):
             yield model
     else:
         hooks = knockout_hooks(
-            model, edges, layers=layers, heads=heads, mode="paper", token_mask=token_mask, grid_size=grid_size
+            model, edges, layers=layers, heads=heads, mode=mode, token_mask=token_mask, grid_size=grid_size
         )
         with model.hooks(fwd_hooks=hooks):
             yield model
@@ -481,31 +709,68 @@ class ContextAblation:
         return out.scatter(1, idx, x)
 
 
-def _keep_mask(model: Any, keep: Any) -> Tensor:
-    """bool [B|1, P] from a grid / patch / sequence mask (prefix tokens always kept)."""
-    cfg = model.cfg
-    k = torch.as_tensor(keep)
-    if k.dtype != torch.bool:
-        raise InputTypeError(
-            f"keep must be a boolean mask over the patch grid (True = keep), got dtype {k.dtype}; "
-            "build one with grid_mask_from_box / grid_mask_from_segmentation"
-        )
-    if k.shape[-1] == cfg.n_ctx and not (k.ndim >= 2 and tuple(k.shape[-2:]) == tuple(cfg.grid_size)):
+def _keep_mask(model: Any, keep: Any, grid_size: Optional[Tuple[int, int]] = None) -> Tensor:
+    """bool [B|1, P] from a grid / patch / sequence mask (prefix tokens always kept).
+
+    Accepted shapes (rows, cols = ``grid_size`` or the model's grid; P = prefix tokens + patches):
+    ``[rows, cols]``, ``[batch, rows, cols]``, ``[n_patches]``, ``[batch, n_patches]``, ``[P]``,
+    ``[batch, P]``. Anything else is refused, whatever its values."""
+    cfg = _cfg(model)
+    rows, cols = _grid(cfg, grid_size)
+    n_pre, n_patch = cfg.n_prefix_tokens, rows * cols
+    P = n_pre + n_patch
+    k = _bool_tensor(keep, "keep", "keep the token")
+    shape = tuple(k.shape)
+    if k.ndim in (2, 3) and shape[-2:] == (rows, cols):
+        tokens = token_mask_from_grid(k, cfg, prefix=True, grid_size=(rows, cols))
+    elif k.ndim in (1, 2) and shape[-1] == n_patch:
+        tokens = token_mask_from_grid(k, cfg, prefix=True, grid_size=(rows, cols))
+    elif k.ndim in (1, 2) and shape[-1] == P:
         tokens = k.clone().cpu()
-        tokens[..., : cfg.n_prefix_tokens] = True
+        tokens[..., :n_pre] = True
     else:
-        tokens = token_mask_from_grid(k, cfg, prefix=True)
+        seq = f", the whole sequence [{P}]" if n_pre else ""
+        raise InputError(
+            f"keep has shape {shape}, but for this model (a {rows} x {cols} patch grid, {n_pre} prefix token(s)) it "
+            f"must be the patch grid [rows, cols] = [{rows}, {cols}], the patches [n_patches] = [{n_patch}]{seq}, "
+            "each optionally with a batch axis in front ([batch, ...]); build it with grid_mask_from_box / "
+            "grid_mask_from_segmentation for this model, or pass grid_size=(rows, cols) for images of another size"
+        )
     if tokens.ndim == 1:
         tokens = tokens[None]
-    if tokens.ndim != 2:
-        raise InputError(f"keep must be [rows, cols] or [batch, rows, cols], got {tuple(k.shape)}")
+    if tokens.shape[0] == 0:
+        raise InputError("keep has an empty batch axis ([0, ...]); give one mask for all images or one per image")
     return tokens
 
 
-def context_ablation_hooks(model: Any, keep: Any) -> Tuple[List[Tuple[str, Any]], ContextAblation]:
+def _check_something_left(cfg: Any, tokens: Tensor, method: str) -> None:
+    """Refuse masks that leave the classifier nothing to read."""
+    n_pre = cfg.n_prefix_tokens
+    patches_kept = tokens[:, n_pre:].sum(-1)
+    empty = torch.nonzero(patches_kept == 0).reshape(-1).tolist()
+    if not empty:
+        return
+    which = "the keep mask" if tokens.shape[0] == 1 else f"the keep mask of image(s) {empty}"
+    if n_pre == 0:
+        raise InputError(
+            f"{which} keeps no token at all and this model has no prefix tokens, so nothing is left to classify "
+            "from; keep at least one patch"
+        )
+    if cfg.pooling == "avg" and method == "remove":
+        raise InputError(
+            f"{which} keeps no patch, but this model's classifier averages the patch tokens (pooling='avg'), so "
+            "nothing is left to classify from; keep at least one patch"
+        )
+
+
+def context_ablation_hooks(
+    model: Any, keep: Any, *, grid_size: Optional[Tuple[int, int]] = None
+) -> Tuple[List[Tuple[str, Any]], ContextAblation]:
     """Hooks that remove the tokens not in ``keep`` from the sequence (``method="remove"``), for
-    ``run_with_hooks``. Returns ``(hooks, info)``; see :func:`context_ablation`."""
-    tokens = _keep_mask(model, keep)
+    ``run_with_hooks``. Returns ``(hooks, info)``; see :func:`context_ablation`. The hooks refuse
+    a run whose batch size or tokens per image do not fit ``keep``."""
+    tokens = _keep_mask(model, keep, grid_size)
+    _check_something_left(model.cfg, tokens, "remove")
     counts = tokens.sum(-1)
     if bool((counts != counts[0]).any()):
         raise InputError(
@@ -518,10 +783,7 @@ def context_ablation_hooks(model: Any, keep: Any) -> Tuple[List[Tuple[str, Any]]
 
     def take(x: Tensor, hook: Any = None) -> Tensor:
         B, P = x.shape[0], x.shape[1]
-        if P != tokens.shape[-1]:
-            raise InputError(f"the keep mask covers {tokens.shape[-1]} tokens but this run has {P}")
-        if positions.shape[0] not in (1, B):
-            raise InputError(f"the keep mask has {positions.shape[0]} per-image masks but the batch has {B}")
+        _check_run(tokens.shape[0], tokens.shape[-1], B, P, "keep")
         idx = positions.to(x.device).expand(B, K)
         return x.gather(1, idx[..., None].expand(B, K, x.shape[-1]))
 
@@ -534,15 +796,18 @@ def context_ablation(
     keep: Any,
     *,
     method: Literal["remove", "attention"] = "remove",
+    grid_size: Optional[Tuple[int, int]] = None,
 ) -> Iterator[ContextAblation]:
     """Context manager: forward passes inside it see only the kept tokens.
 
     Args:
         model: the :class:`~vit_lens.HookedViT`.
         keep: True = keep. A boolean mask over the patch grid ``[rows, cols]``, one per image
-            ``[batch, rows, cols]``, over the patches ``[n_patches]``, or over the whole sequence
-            ``[pos]``. Prefix tokens ([CLS], ...) are always kept. See
-            :func:`grid_mask_from_box` and :func:`grid_mask_from_segmentation`.
+            ``[batch, rows, cols]``, over the patches ``[n_patches]`` / ``[batch, n_patches]``,
+            or over the whole sequence ``[pos]`` / ``[batch, pos]``. Prefix tokens ([CLS], ...)
+            are always kept. A mask of any other shape is refused (also one that keeps or
+            removes everything). See :func:`grid_mask_from_box` and
+            :func:`grid_mask_from_segmentation`.
         method: ``"remove"``: the tokens are cut out of the sequence right after the position
             embeddings are added (hooks on ``hook_embed`` and ``hook_pos_embed``), so every
             activation from there on -- and every cache -- has only the kept positions (the same
@@ -550,32 +815,43 @@ def context_ablation(
             no token may attend to a removed one (an attention mask in every layer); the kept
             tokens get the same values as with ``"remove"``, and any batch of masks works. With
             average pooling the removed tokens still enter the mean with ``"attention"``.
+        grid_size: (rows, cols) of the images that will be run, if not the model's native grid
+            (models with ``dynamic_img_size``).
 
     Yields:
         a :class:`ContextAblation` with the kept positions.
+
+    Raises:
+        InputError / InputTypeError: for a mask that is not boolean, has the wrong shape or an
+        empty batch axis, or leaves nothing to classify from (no token at all; no patch when
+        the classifier averages patches and ``method="remove"``); an unknown ``method``. Inside,
+        for a run whose batch size (per-image masks) or tokens per image do not fit ``keep``.
+        Keeping only the prefix tokens of a [CLS]-pooled model is allowed (the [CLS] then reads
+        only the prefix tokens).
     """
+    if method not in ("remove", "attention"):
+        raise InputError(f"method must be 'remove' or 'attention', got {method!r}")
     if method == "remove":
-        hooks, info = context_ablation_hooks(model, keep)
-        if bool(info.keep.all()):  # keeping everything: the plain forward, exactly
-            yield info
-            return
+        hooks, info = context_ablation_hooks(model, keep, grid_size=grid_size)
+        if bool(info.keep.all()):  # keeping everything: the plain forward, exactly (the fit still checked)
+            hooks = [("hook_embed", _fit_hook(tuple(info.keep.shape), "keep"))]
         with model.hooks(fwd_hooks=hooks):
             yield info
-    elif method == "attention":
-        tokens = _keep_mask(model, keep)
+    else:
+        tokens = _keep_mask(model, keep, grid_size)
+        _check_something_left(model.cfg, tokens, "attention")
         counts = tokens.sum(-1)
         positions = torch.nonzero(tokens)[:, 1]
         if bool((counts == counts[0]).all()):
             positions = positions.reshape(tokens.shape[0], int(counts[0]))
         info = ContextAblation(keep=tokens, positions=positions, method="attention")
         if bool(tokens.all()):
-            yield info
+            with model.hooks(fwd_hooks=[("hook_embed", _fit_hook(tuple(tokens.shape), "keep"))]):
+                yield info
             return
         allow = tokens[:, None, None, :]  # [B|1, 1, 1, P]: every query may attend to kept keys only
-        with _attn_masks(model, {l: allow for l in range(model.cfg.n_layers)}, "context-ablation"):
+        with _attn_masks(model, {l: allow for l in range(model.cfg.n_layers)}, "keep"):
             yield info
-    else:
-        raise InputError(f"method must be 'remove' or 'attention', got {method!r}")
 
 
 def context_comparison(
@@ -615,17 +891,26 @@ def context_comparison(
     from tqdm.auto import tqdm
 
     cfg = model.cfg
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        raise InputTypeError(
+            "images must be a preprocessed batch tensor [batch, chans, H, W] (model.preprocess(paths)), got "
+            + (f"shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__)
+        )
     B = images.shape[0]
-    L = cfg.n_layers
-    layer_list = list(range(L)) if layers is None else [int(l) % L for l in layers]
+    if B == 0:
+        raise InputError("images is an empty batch [0, ...]; give at least one image")
+    layer_list = resolve_layers(layers, model)
     names = [f"blocks.{l}.hook_resid_post" for l in layer_list]
     c = resolve_targets(model, classes, B, images=images).cpu()
-    m = torch.as_tensor(class_masks)
-    if m.dtype != torch.bool:
-        raise InputTypeError("class_masks must be boolean (True on the class-labelled patches)")
-    grid = token_mask_from_grid(m, cfg, prefix=False)  # [B|1, P], prefix False
+    m = _bool_tensor(class_masks, "class_masks", "a class-labelled patch")
+    grid = token_mask_from_grid(m, cfg, prefix=False)  # [B|1, P], prefix False; refuses other shapes
     if grid.ndim == 1:
         grid = grid[None]
+    if grid.shape[0] not in (1, B):
+        raise InputError(
+            f"class_masks has {grid.shape[0]} per-image masks for a batch of {B} images; give one mask for all "
+            "images or exactly one per image"
+        )
     grid = grid.expand(B, -1)
     patches = position_mask(cfg, "patches")
     rows = []

@@ -225,7 +225,7 @@ def identify_command(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.checkpoint, args.device)
     if model.unembed is None:
         raise UsageError(f"{model.cfg.model_name} is headless (no classifier), so it has no class space to analyse")
-    target = None
+    target = "pred"
     if args.label is not None:
         try:
             target = model.class_index(args.label)

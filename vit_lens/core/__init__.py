@@ -30,6 +30,7 @@ from vit_lens.core.selection import (
     hook_layer,
     hook_name,
     hook_names,
+    int_list,
     resolve_layers,
 )
 from vit_lens.core.targets import PRED, Target, class_index, resolve_targets, suggest_classes
@@ -59,6 +60,7 @@ __all__ = [
     "hook_layer",
     "hook_name",
     "hook_names",
+    "int_list",
     "position_labels",
     "position_mask",
     "progress_bar",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
+import operator
 import re
 from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Union
 
@@ -22,6 +23,7 @@ __all__ = [
     "cache_get",
     "cache_has",
     "head_mask",
+    "int_list",
     "hook_layer",
     "hook_name",
     "hook_names",
@@ -43,6 +45,36 @@ def _n_layers(model: Any) -> int:
     return int(getattr(model, "cfg", model).n_layers)
 
 
+def int_list(v: Any, what: str) -> List[int]:
+    """ints from an int, a sequence of ints or an integer tensor; anything else is refused."""
+    bad = InputTypeError(
+        f"{what} must be an int or a sequence of ints (negative counts from the end), got {v!r}"
+    )
+    if isinstance(v, Tensor):
+        if v.dtype == torch.bool or v.is_floating_point() or v.is_complex():
+            raise bad
+        return [int(i) for i in v.reshape(-1).tolist()]
+    if isinstance(v, (bool, str, bytes)):
+        raise bad
+    try:
+        return [operator.index(v)]
+    except TypeError:
+        pass
+    try:
+        items = list(v)
+    except TypeError:
+        raise bad from None
+    out = []
+    for i in items:
+        if isinstance(i, (bool, str, bytes)):
+            raise bad
+        try:
+            out.append(operator.index(i))
+        except TypeError:
+            raise bad from None
+    return out
+
+
 def resolve_layers(layers: Layers, model: Any, *, allow_empty: bool = False) -> List[int]:
     """A layer selection as a list of block indices in ``0 .. n_layers - 1``, in the order given.
 
@@ -58,17 +90,9 @@ def resolve_layers(layers: Layers, model: Any, *, allow_empty: bool = False) -> 
     n = _n_layers(model)
     if layers is None:
         return list(range(n))
-    if isinstance(layers, bool) or isinstance(layers, float):
-        raise InputTypeError(f"layers must be None, an int or ints, got {layers!r}")
-    if isinstance(layers, numbers.Integral):
-        layers = [int(layers)]
-    if isinstance(layers, Tensor):
-        layers = layers.reshape(-1).tolist()
+    layers = int_list(layers, "layers")
     out = []
     for l in layers:
-        if isinstance(l, bool) or not isinstance(l, numbers.Integral):
-            raise InputTypeError(f"layers must be ints, got {l!r}")
-        l = int(l)
         if not -n <= l < n:
             raise OutOfRangeError(f"layer {l} out of range for a model with {n} blocks (0..{n - 1})")
         out.append(l % n)
@@ -87,12 +111,7 @@ def head_mask(model: Any, heads: Union[None, int, Sequence[int], Tensor]) -> Opt
         if tuple(heads.shape) != (H,):
             raise InputError(f"a boolean head mask must have shape [{H}], got {tuple(heads.shape)}")
         return heads.detach().cpu().clone()
-    if isinstance(heads, Tensor) and heads.is_floating_point():
-        raise InputTypeError(f"heads must be indices or a boolean mask, got dtype {heads.dtype}")
-    try:
-        idx = torch.as_tensor(heads, dtype=torch.long).reshape(-1)
-    except (TypeError, ValueError, RuntimeError):
-        raise InputTypeError(f"heads must be an int, ints or a boolean mask [{H}], got {heads!r}") from None
+    idx = torch.tensor(int_list(heads, "heads"), dtype=torch.long)
     if idx.numel() and (int(idx.min()) < -H or int(idx.max()) >= H):
         raise OutOfRangeError(f"heads {idx.tolist()} out of range for {H} heads (0..{H - 1})")
     m = torch.zeros(H, dtype=torch.bool)
