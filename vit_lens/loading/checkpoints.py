@@ -210,13 +210,18 @@ class StateDictDiff:
         return "; ".join(parts)
 
 
+def _natural(key: str) -> Tuple[Any, ...]:
+    """``blocks.2`` before ``blocks.10``."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in key.split("."))
+
+
 def diff_state_dicts(file_sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]) -> StateDictDiff:
     """Compare a file's tensors with a model's ``state_dict()`` (meta tensors are fine: only shapes are read)."""
-    missing = sorted(set(model_sd) - set(file_sd))
-    unexpected = sorted(set(file_sd) - set(model_sd))
+    missing = sorted(set(model_sd) - set(file_sd), key=_natural)
+    unexpected = sorted(set(file_sd) - set(model_sd), key=_natural)
     shapes = [
         (k, tuple(file_sd[k].shape), tuple(model_sd[k].shape))
-        for k in sorted(set(file_sd) & set(model_sd))
+        for k in sorted(set(file_sd) & set(model_sd), key=_natural)
         if tuple(file_sd[k].shape) != tuple(model_sd[k].shape)
     ]
     return StateDictDiff(missing, unexpected, shapes)

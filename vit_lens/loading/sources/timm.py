@@ -532,13 +532,17 @@ def claim_of(ckpt: Checkpoint) -> Optional[Claim]:
 
 
 def _refuse_other_model(ckpt: Checkpoint, claim: Claim, asked: str) -> CheckpointError:
+    from timm.models import get_pretrained_cfg
+
     path = str(ckpt.path)
+    default = get_pretrained_cfg(claim.arch)
+    # the bare architecture name when the file's tag is timm's default for it (it resolves to the same)
+    suggest = claim.arch if not claim.tag or (default is not None and default.tag == claim.tag) else claim.name
     return CheckpointError(
         f"{ckpt.path.name} is {claim.name} ({claim.where}), not {asked}: loading it as {asked} would run "
         f"another model's weights with {asked}'s settings. Load it with "
-        f"HookedViT.from_pretrained({claim.name if claim.tag else claim.arch!r}, checkpoint_path={path!r}) "
-        f"(command line: --model {claim.name if claim.tag else claim.arch}). If the file really is {asked}, "
-        "rename it."
+        f"HookedViT.from_pretrained({suggest!r}, checkpoint_path={path!r}) (command line: --model {suggest}). "
+        f"If the file really is {asked}, rename it."
     )
 
 
@@ -629,6 +633,11 @@ def _outside_vit_lens() -> int:
 
 def _kw_text(kwargs: Dict[str, Any]) -> str:
     return f" with timm_kwargs={kwargs}" if kwargs else ""
+
+
+def _inferred_text(inferred: Dict[str, Any]) -> str:
+    return (" (built with " + ", ".join(f"{k}={v!r}" for k, v in inferred.items()) + " read from the file)"
+            if inferred else "")
 
 
 def _infer_kwargs(full: str, sd: Dict[str, torch.Tensor], user: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -769,7 +778,7 @@ def open_checkpoint_model(arch: str, tag: str, explicit_tag: bool, ckpt: Checkpo
                 else ""
             )
             raise CheckpointMismatchError(
-                f"{where} does not match {full}{_kw_text(kwargs)}: {diff.describe()}.{_shape_summary(sd, model)}"
+                f"{where} does not match {full}{_kw_text(timm_kwargs)}{_inferred_text(inferred)}: {diff.describe()}.{_shape_summary(sd, model)}"
                 f"{head_hint} If the file is another timm architecture, name it: HookedViT.from_pretrained("
                 f"'<arch>', checkpoint_path={str(path)!r}); if it was built with other timm arguments, pass them as "
                 "timm_kwargs=dict(...); or build the timm model yourself, load the file into it and convert it with "
