@@ -5,8 +5,10 @@ The interface a source implements (:mod:`vit_lens.loading.sources.timm` is the r
     convert(source_model, *, name=None) -> Converted
         an in-memory model of that library (timm ``VisionTransformer``; later a Hugging Face
         ``ViTForImageClassification`` or an OpenCLIP ``VisionTransformer``) -> config + state dict.
-    load(name, *, checkpoint_path=None, options=None) -> Converted
-        a model name of that library, with weights from a local file or its hub.
+    load(name, *, checkpoint_path=None, **source_options) -> Converted
+        a model name of that library, with weights from a local file or its hub (timm's
+        option: ``timm_kwargs``). A local file is loaded strictly: every tensor accounted for
+        (:func:`vit_lens.loading.checkpoints.diff_state_dicts`), none left randomly initialised.
 
 Both refuse (``UnsupportedModelError``) any feature HookedViT does not reproduce exactly, and a
 file that does not match the model asked for (``CheckpointError``). :func:`build_model` then makes

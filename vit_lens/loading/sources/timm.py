@@ -538,6 +538,13 @@ def _refuse_other_model(ckpt: Checkpoint, claim: Claim, asked: str) -> Checkpoin
     default = get_pretrained_cfg(claim.arch)
     # the bare architecture name when the file's tag is timm's default for it (it resolves to the same)
     suggest = claim.arch if not claim.tag or (default is not None and default.tag == claim.tag) else claim.name
+    from timm.models import is_model_in_modules
+
+    if not is_model_in_modules(claim.arch, list(VIT_MODULES)):
+        return CheckpointError(
+            f"{ckpt.path.name} is {claim.name} ({claim.where}), not {asked}, and HookedViT does not support "
+            f"{claim.arch} (see vit_lens.supported_models()). If the file really is {asked}, rename it."
+        )
     return CheckpointError(
         f"{ckpt.path.name} is {claim.name} ({claim.where}), not {asked}: loading it as {asked} would run "
         f"another model's weights with {asked}'s settings. Load it with "
@@ -807,7 +814,8 @@ def _warn_unknown_tag(model, ckpt, claim, arch, tag, tag_named, n, n_tag) -> Non
     else:
         why = f"{ckpt.path.name} names no timm model"
     dc = resolve_data_config(model=model)
-    names = ("ImageNet-1k class names (its head has 1000 classes)" if n == 1000
+    labels = _class_names(model, n)[0]
+    names = (f"timm's ImageNet class names for a {n}-class head" if labels is not None
              else "no class names (set model.class_names)" if n else "no classifier")
     tags = _known_tags(arch)
     warnings.warn(
