@@ -381,3 +381,14 @@ def test_real_unnamed_copy_loads_with_tag_unknown(tmp_path):
     assert m.cfg.model_name == "vit_tiny_patch16_224.unknown" and m.cfg.extra["pretrained_tag"] == "unknown"
     assert torch.equal(m.W_U, sd["head.weight"].T) and torch.equal(m.blocks[7].mlp.W_out, sd["blocks.7.mlp.fc2.weight"].T)
     assert m.class_names[281] == "tabby, tabby cat"  # 1000 classes: ImageNet-1k's names, as the warning says
+
+
+def test_old_layout_converted_by_timm_is_announced(tmp_path):
+    """DeiT-III's old ``gamma_1`` / ``gamma_2`` names: timm's conversion maps them, with a warning."""
+    t = make_timm("deit3_small_patch16_224", seed=43, img_size=32, patch_size=8, num_classes=3, depth=2)
+    sd = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v for k, v in _timm_sd(t).items()}
+    path = _save(sd, tmp_path / "old_layout.safetensors")
+    with pytest.warns(CheckpointWarning, match=r"not in timm's layout.*blocks\.0\.gamma_1"):
+        m = HookedViT.from_pretrained("deit3_small_patch16_224", checkpoint_path=path,
+                                      timm_kwargs=dict(depth=2))
+    assert _logit_diff(m, t, torch.randn(2, 3, 32, 32)) <= 1e-4

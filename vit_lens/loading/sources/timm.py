@@ -756,7 +756,7 @@ def open_checkpoint_model(arch: str, tag: str, explicit_tag: bool, ckpt: Checkpo
     sd = ckpt.state_dict
     inferred = _infer_kwargs(full, sd, timm_kwargs, where)
     kwargs = {**inferred, **timm_kwargs}
-    if inferred or kwargs != timm_kwargs:
+    if kwargs != timm_kwargs:  # the settings read from the file pass the converter's checks too
         check_architecture_fast(full, kwargs)
     model = timm.create_model(full, pretrained=False, **kwargs)
     target = model.state_dict()
@@ -769,6 +769,14 @@ def open_checkpoint_model(arch: str, tag: str, explicit_tag: bool, ckpt: Checkpo
             converted = None
         if converted is not None and not diff_state_dicts(converted, target):
             final = converted
+            if diff.missing or diff.unexpected:  # another layout, converted by timm: say what was not used as is
+                dropped = diff.unexpected
+                warnings.warn(
+                    f"{where} is not in timm's layout for {arch}; timm's checkpoint conversion mapped it onto the "
+                    f"model ({len(dropped)} file tensor(s) renamed or dropped: {', '.join(dropped[:6])}"
+                    f"{' ...' if len(dropped) > 6 else ''}). Compare the logits with the original model's.",
+                    CheckpointWarning, stacklevel=_outside_vit_lens(),
+                )
             changed = sorted(k for k in converted if k in sd and tuple(sd[k].shape) != tuple(converted[k].shape))
             if changed:
                 warnings.warn(
@@ -785,8 +793,8 @@ def open_checkpoint_model(arch: str, tag: str, explicit_tag: bool, ckpt: Checkpo
                 else ""
             )
             raise CheckpointMismatchError(
-                f"{where} does not match {full}{_kw_text(timm_kwargs)}{_inferred_text(inferred)}: {diff.describe()}.{_shape_summary(sd, model)}"
-                f"{head_hint} If the file is another timm architecture, name it: HookedViT.from_pretrained("
+                f"{where} does not match {full}{_kw_text(timm_kwargs)}{_inferred_text(inferred)}: "
+                f"{diff.describe()}.{_shape_summary(sd, model)}{head_hint} If the file is another timm architecture, name it: HookedViT.from_pretrained("
                 f"'<arch>', checkpoint_path={str(path)!r}); if it was built with other timm arguments, pass them as "
                 "timm_kwargs=dict(...); or build the timm model yourself, load the file into it and convert it with "
                 "HookedViT.from_timm(model)."
