@@ -643,8 +643,9 @@ class HookedViT(HookedRootModule):
                 (``"vit_tiny_patch16_224"`` means timm's default tag,
                 ``"vit_tiny_patch16_224.augreg_in21k_ft_in1k"``).
             checkpoint_path: a local weights file (``.safetensors``, ``.pth``, ``.bin``) in timm's
-                state-dict layout. Without it, ``$VIT_LENS_CHECKPOINTS/<name.tag>.safetensors`` is
-                used when it exists, else timm downloads the weights from the hub.
+                state-dict layout, e.g. your own fine-tune. Without it,
+                ``$VIT_LENS_CHECKPOINTS/<name.tag>.safetensors`` is used when it exists, else timm
+                downloads the weights from the hub.
             device: where to put the model (default CPU).
             dtype: parameter dtype (default float32).
             timm_kwargs: extra ``timm.create_model`` arguments, e.g. ``dict(dynamic_img_size=True)``
@@ -652,6 +653,19 @@ class HookedViT(HookedRootModule):
                 ``dict(img_size=448)``.
             **processing: weight-processing options ``fold_ln``, ``center_writing_weights``,
                 ``center_unembed``, ``fold_value_biases`` (see :mod:`vit_lens.loading.processing`).
+
+        A weights file is loaded strictly: every tensor in it must fit the model (a missing or
+        unexpected key, or another shape, is a :class:`~vit_lens.loading.CheckpointMismatchError`
+        naming the keys), so no weight is ever left randomly initialised. ``num_classes`` is read
+        from the file's ``head.weight`` (0 without a head), and ``in_chans``, ``patch_size`` and a
+        square ``img_size`` from its patch and position embeddings, unless given in
+        ``timm_kwargs`` (a ``num_classes`` that contradicts the file is an error). A file whose
+        name (``<arch>.<tag>.safetensors``), metadata or ``config.json`` names another model is
+        refused with that model's name; a file that names no pretrained tag (and ``name`` gives
+        none) loads as ``cfg.model_name == "<arch>.unknown"`` with the architecture's default
+        preprocessing and a :class:`~vit_lens.loading.CheckpointWarning`. Class names are timm's
+        ImageNet labels only when the head has as many classes as that label set (so a 10-class
+        fine-tune has none).
 
         Supported families: ``vit_lens.supported_models()``; anything else is refused with
         :class:`~vit_lens.UnsupportedModelError` naming the feature, before weights are read.

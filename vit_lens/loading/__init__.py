@@ -1,5 +1,17 @@
-"""Conversion of timm Vision Transformers into HookedViT, the registry of supported families,
-and weight processing."""
+"""Loading models into HookedViT: one module per source, the registry of supported families, and
+weight processing.
+
+Layout::
+
+    sources/__init__.py   the source interface: Converted (config + HookedViT state dict + class
+                          names + data config) and build_model (Converted -> HookedViT, strict)
+    sources/timm.py       timm: names, architecture checks, conversion, strict checkpoint loading
+    checkpoints.py        reading weights files; accounting for every tensor (CheckpointError ...)
+    registry.py           the supported families (each with a parity test)
+    processing.py         weight processing (fold_ln, ...)
+    saving.py             HookedViT.save / HookedViT.load
+    timm_vit.py           the old import path of sources/timm.py (kept for compatibility)
+"""
 
 from vit_lens.loading.processing import (
     PROCESSING_OPTIONS,
@@ -8,8 +20,17 @@ from vit_lens.loading.processing import (
     process_state_dict,
     process_weights,
 )
-from vit_lens.loading.timm_vit import (
+from vit_lens.loading.checkpoints import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointWarning,
+    read_checkpoint,
+)
+from vit_lens.loading.sources import SOURCES, Converted, build_model
+from vit_lens.loading.sources.timm import (
     CHECKPOINT_ENV,
+    UNKNOWN_TAG,
     UnsupportedModelError,
     config_from_timm,
     convert_timm_model,
@@ -21,6 +42,15 @@ from vit_lens.loading.timm_vit import (
 
 __all__ = [
     "CHECKPOINT_ENV",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CheckpointWarning",
+    "Converted",
+    "SOURCES",
+    "UNKNOWN_TAG",
+    "build_model",
+    "read_checkpoint",
     "FAMILIES",
     "ModelFamily",
     "PROCESSING_OPTIONS",
