@@ -667,9 +667,9 @@ def identify(
         items = None
         n = batch.shape[0]
     else:
-        from vit_lens.preprocess import _as_list
+        from vit_lens.preprocess import image_list
 
-        items = _as_list(images)
+        items = image_list(images)
         n = len(items)
     if n == 0:
         raise InputError("no images given")

@@ -84,7 +84,8 @@ def load_image(item: Any) -> Image.Image:
     )
 
 
-def _as_list(images: Any) -> List[Any]:
+def image_list(images: Any) -> List[Any]:
+    """One image or many as a list of single images (a list/tuple, a uint8 batch [B, C, H, W] or one image)."""
     if isinstance(images, (list, tuple)):
         return list(images)
     if isinstance(images, (Tensor, np.ndarray)) and images.ndim == 4:
@@ -116,7 +117,7 @@ def preprocess_images(images: Any, data_config: dict, mode: Literal["timm", "pap
     An image whose short side is under half the model's input short side (e.g. 10x10 for a 224
     input) is still processed, with a :class:`SmallImageWarning` naming it and the upscaling factor.
     """
-    items = _as_list(images)
+    items = image_list(images)
     if not items:
         raise InputError("no images given")
     chans = int(data_config.get("input_size", (3,))[0])
