@@ -518,7 +518,7 @@ class HookedViT(HookedRootModule):
         """
         from vit_lens.loading.processing import applied_processing
 
-        heads = self.readout.new_heads(W, bias, space, applied_processing(self))
+        heads = self.readout.new_heads(W, bias, space, applied_processing(self), device=self.device, dtype=self.dtype)
         self.readout.set_heads(heads, labels)
         self.setup()
 

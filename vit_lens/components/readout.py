@@ -293,13 +293,14 @@ class Readout(nn.Module):
         return (x / scale) @ self.dla_directions(head)
 
     # ------------------------------------------------------------------ new class directions
-    def new_heads(self, W: Tensor, bias: Optional[Tensor], space: str, applied: Sequence[str]) -> List[Tuple[Tensor, Tensor]]:
+    def new_heads(self, W: Tensor, bias: Optional[Tensor], space: str, applied: Sequence[str], *,
+                  device: torch.device, dtype: torch.dtype) -> List[Tuple[Tensor, Tensor]]:
         """New class directions as classifier weights in the current basis (see
-        :meth:`HookedViT.set_class_directions`); ``applied``: the weight processing done so far."""
+        :meth:`HookedViT.set_class_directions`); ``applied``: the weight processing done so far;
+        ``device`` / ``dtype``: the model's."""
         from vit_lens.loading.processing import fold_into
 
-        ref = self._device()
-        dtype = next(self.parameters()).dtype if any(True for _ in self.parameters()) else torch.float32
+        ref = device
         W = torch.as_tensor(W).to(device=ref, dtype=dtype)
         if W.ndim != 2:
             raise InputError(f"W must be a matrix [inputs, n_classes], got shape {tuple(W.shape)}")
