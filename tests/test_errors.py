@@ -133,3 +133,36 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
     with pytest.raises(VitLensError, match=r"small\.safetensors does not match vit_tiny_patch16_224.*1 blocks of width 384"):
         HookedViT.from_pretrained("vit_tiny_patch16_224", checkpoint_path=path)
+
+
+# ------------------------------------------------------------------ the forward's input checks (issue 12)
+def test_float32_images_run_on_a_float64_model():
+    """Pixels are exact in any float dtype: the model casts them (torch said 'Input type (float) and bias type (double)')."""
+    t = make_timm("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5).double()
+    m64 = HookedViT.from_timm(t)
+    x = torch.randn(2, 3, 32, 32)
+    out = m64(x)
+    assert out.dtype == torch.float64
+    with torch.no_grad():
+        assert torch.allclose(out, t(x.double()), atol=1e-10)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_pixels_are_refused(tiny, bad):
+    x = torch.randn(3, 3, 32, 32)
+    x[2, 1, 5, 7] = bad
+    with pytest.raises(ValueError, match=r"images \[2\] of the batch contain NaN or inf"):
+        tiny(x)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        tiny.run_with_cache(x)
+
+
+def test_empty_batch_is_refused_everywhere(tiny):
+    from vit_lens.patching import logit_metric, patch_positions_sweep
+
+    empty = torch.randn(0, 3, 32, 32)
+    with pytest.raises(ValueError, match="the batch is empty"):
+        tiny(empty)
+    # was: RuntimeError: cannot reshape tensor of 0 elements
+    with pytest.raises(ValueError, match="the batch is empty"):
+        patch_positions_sweep(tiny, empty, empty, logit_metric(0), progress=False)
