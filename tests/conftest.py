@@ -110,3 +110,15 @@ def tiny_pair():
 
     t = make_timm("vit_tiny_patch16_224")
     return t, HookedViT.from_timm(t)
+
+
+def load_script(path: Path, name: str):
+    """Import a script (benchmarks/, experiments/) by path as module ``name``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -5,28 +5,22 @@ reproductions live in experiments/ and still start; every script path the README
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import re
 import statistics
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 BENCH = REPO / "benchmarks"
 TIMING_SCRIPTS = ("bench_forward.py", "bench_patching.py", "bench_knockout.py", "bench_identifiability.py")
 
 
 def _load(path, name=None):
-    spec = importlib.util.spec_from_file_location(name or f"_layout_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(path, name or f"_layout_{path.stem}")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ and the tidy ``sweep.parquet`` table (equal to the per-image records)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,18 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_timm
+from conftest import REPO, load_script, make_timm
 
 SCRIPT = REPO / "benchmarks" / "patching_sweep.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("patching_sweep_driver", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "patching_sweep_driver")
 
 
 @pytest.fixture(scope="module")
