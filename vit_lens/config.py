@@ -154,25 +154,6 @@ def _pair(x: Any) -> Tuple[int, int]:
     return (int(a), int(b))
 
 
-def resolve_layers(layers: Any, n_layers: int) -> list:
-    """Normalise a layer selection to a list of block indices in ``0 .. n_layers - 1``.
-
-    ``None`` means every block; an int or an iterable of ints selects blocks, negative indices count from
-    the end. Raises IndexError for an index outside the model.
-    """
-    if layers is None:
-        return list(range(n_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    out = []
-    for l in layers:
-        l = int(l)
-        if not -n_layers <= l < n_layers:
-            raise OutOfRangeError(f"layer {l} out of range for a model with {n_layers} blocks (0..{n_layers - 1})")
-        out.append(l % n_layers)
-    return out
-
-
 def patch_index_to_rowcol(index: int, cfg: HookedViTConfig, grid_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
     """Map a sequence position of a patch token to its (row, col) on the patch grid.
 
