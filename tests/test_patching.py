@@ -460,3 +460,23 @@ def test_sweep_script_resumes_without_loss_or_repetition(tmp_path):
     # another configuration is refused rather than mixed in
     with pytest.raises(ValueError, match="another configuration"):
         script.run_sweep(vit, files, out, **{**kw, "corruption": "noise"})
+
+
+# ------------------------------------------------------------------ the last-block pruning goes through the components
+@pytest.mark.parametrize("name,kw", [("vit_tiny_patch16_224", {}), ("deit_tiny_distilled_patch16_224", {})])
+def test_block_with_n_queries_equals_the_full_block_at_those_rows(name, kw):
+    """TransformerBlock(x, n_queries=n) == TransformerBlock(x)[:, :n] (keys and values from every token),
+    with and without an attention mask; what the batched sweeps run in the last block."""
+    m = HookedViT.from_timm(make_timm(name, img_size=32, depth=2, num_classes=6, **kw).eval())
+    x = torch.randn(3, m.cfg.n_ctx, m.cfg.d_model)
+    block = m.blocks[-1]
+    n = m.readout.n_pooled_prefix
+    with torch.no_grad():
+        assert torch.allclose(block(x, n_queries=n), block(x)[:, :n], atol=1e-5)
+        mask = torch.rand(m.cfg.n_ctx, m.cfg.n_ctx) > 0.3
+        mask[:, 0] = True
+        block.attn.attn_mask = mask
+        try:
+            assert torch.allclose(block(x, n_queries=n), block(x)[:, :n], atol=1e-5)
+        finally:
+            block.attn.attn_mask = None

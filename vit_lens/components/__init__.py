@@ -6,5 +6,6 @@ from vit_lens.components.embed import PatchEmbed, PosEmbed
 from vit_lens.components.head import Unembed
 from vit_lens.components.layer_norm import LayerNorm
 from vit_lens.components.mlp import MLP
+from vit_lens.components.readout import Readout
 
-__all__ = ["Attention", "TransformerBlock", "PatchEmbed", "PosEmbed", "Unembed", "LayerNorm", "MLP"]
+__all__ = ["Attention", "TransformerBlock", "PatchEmbed", "PosEmbed", "Unembed", "LayerNorm", "MLP", "Readout"]
