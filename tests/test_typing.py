@@ -174,7 +174,7 @@ def test_user_script_sees_real_types(mypy_run):
         assert m, l
         ln, kind, msg = int(m.group(1)), m.group(2), m.group(3)
         if kind == "note" and msg.startswith("Revealed type is "):
-            notes[ln] = msg[len("Revealed type is "):].strip('"').replace("builtins.", "")  # mypy < 1.16 spells it
+            notes[ln] = msg[len("Revealed type is "):].strip('"').replace("builtins.", "")  # older mypy prints builtins.dict
         elif kind == "error":
             errors.setdefault(ln, []).append(msg)
     revealed = {tags[ln][1]: t for ln, t in notes.items()}
