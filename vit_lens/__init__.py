@@ -7,7 +7,7 @@ libraries are imported until used).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -79,6 +79,94 @@ _LAZY = {
     "grid_mask_from_box": "vit_lens.ablation",
     "grid_mask_from_segmentation": "vit_lens.ablation",
 }
+
+if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports these on first use
+    from vit_lens.model import (
+        HookedViT as HookedViT,
+    )
+    from vit_lens.config import (
+        HookedViTConfig as HookedViTConfig,
+        patch_index_to_rowcol as patch_index_to_rowcol,
+        rowcol_to_patch_index as rowcol_to_patch_index,
+    )
+    from vit_lens.loading import (
+        UnsupportedModelError as UnsupportedModelError,
+        supported_models as supported_models,
+    )
+    from vit_lens.core.errors import (
+        VitLensError as VitLensError,
+        InputError as InputError,
+        InputTypeError as InputTypeError,
+        OutOfRangeError as OutOfRangeError,
+        UnknownNameError as UnknownNameError,
+        AmbiguousNameError as AmbiguousNameError,
+    )
+    from vit_lens.samples import (
+        sample_image as sample_image,
+        sample_image_path as sample_image_path,
+        SAMPLE_IMAGES as SAMPLE_IMAGES,
+    )
+    from vit_lens.explain import (
+        class_space_importance as class_space_importance,
+        direct_patch_attribution as direct_patch_attribution,
+        attention_key_attribution as attention_key_attribution,
+        attention_rollout as attention_rollout,
+        chefer_relevance as chefer_relevance,
+        upsample_map as upsample_map,
+        overlay as overlay,
+        model_view as model_view,
+        perturbation_curve as perturbation_curve,
+        random_perturbation_curves as random_perturbation_curves,
+        perturbation_auc as perturbation_auc,
+        compare_perturbation as compare_perturbation,
+        PerturbationCurve as PerturbationCurve,
+    )
+    from vit_lens.probing import (
+        ridge_fit as ridge_fit,
+        fit_ridge_probe as fit_ridge_probe,
+        RidgeProbe as RidgeProbe,
+        linear_probe_sweep as linear_probe_sweep,
+        probe_importance as probe_importance,
+    )
+    from vit_lens.data import (
+        ImageSet as ImageSet,
+        load_image_set as load_image_set,
+        augmented_views as augmented_views,
+    )
+    from vit_lens.class_space import (
+        project as project,
+        logit_lens as logit_lens,
+        identifiability as identifiability,
+        identify as identify,
+        IdentifiabilityResult as IdentifiabilityResult,
+        random_twin as random_twin,
+    )
+    from vit_lens.attribution import (
+        dla as dla,
+        memories as memories,
+    )
+    from vit_lens.patching import (
+        PatchingResult as PatchingResult,
+        run_patched as run_patched,
+        patching_hooks as patching_hooks,
+        patch_positions_sweep as patch_positions_sweep,
+        patch_heads_sweep as patch_heads_sweep,
+        patch_block_every as patch_block_every,
+        patch_components_sweep as patch_components_sweep,
+        logit_metric as logit_metric,
+        logit_diff_metric as logit_diff_metric,
+        prob_metric as prob_metric,
+        identifiability_metric as identifiability_metric,
+    )
+    from vit_lens.ablation import (
+        attention_knockout as attention_knockout,
+        knockout_hooks as knockout_hooks,
+        knockout_edges as knockout_edges,
+        context_ablation as context_ablation,
+        context_comparison as context_comparison,
+        grid_mask_from_box as grid_mask_from_box,
+        grid_mask_from_segmentation as grid_mask_from_segmentation,
+    )
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

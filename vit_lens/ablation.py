@@ -57,7 +57,7 @@ import operator
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,10 @@ from torch import Tensor
 
 from vit_lens.core import head_mask, int_list, position_mask, resolve_layers, resolve_targets
 from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
+
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
+    from vit_lens.config import HookedViTConfig
+    from vit_lens.model import HookedViT
 
 __all__ = [
     "EDGE_SETS",
@@ -134,7 +138,7 @@ def _bool_tensor(x: Any, what: str, meaning: str) -> Tensor:
 
 def grid_mask_from_box(
     box: Sequence[float],
-    model: Any,
+    model: Union[HookedViT, HookedViTConfig],
     *,
     image_size: Optional[Tuple[int, int]] = None,
     min_overlap: float = 0.5,
@@ -187,7 +191,7 @@ def grid_mask_from_box(
 
 def grid_mask_from_segmentation(
     segmentation: Any,
-    model: Any,
+    model: Union[HookedViT, HookedViTConfig],
     *,
     label: Optional[Union[int, Sequence[int]]] = None,
     grid_size: Optional[Tuple[int, int]] = None,
@@ -235,7 +239,7 @@ def grid_mask_from_segmentation(
 
 def token_mask_from_grid(
     grid_mask: Bool[Tensor, "... rows cols"],
-    model: Any,
+    model: Union[HookedViT, HookedViTConfig],
     *,
     prefix: bool = True,
     grid_size: Optional[Tuple[int, int]] = None,
@@ -277,7 +281,7 @@ def token_mask_from_grid(
 # attention knockout
 # =============================================================================================
 def knockout_edges(
-    model: Any,
+    model: Union[HookedViT, HookedViTConfig],
     edges: Union[str, Tensor] = "self_only",
     *,
     token_mask: Optional[Tensor] = None,
@@ -527,7 +531,7 @@ def _fit_hook(shape: Tuple[int, ...], what: str) -> Any:
 
 
 def knockout_hooks(
-    model: Any,
+    model: HookedViT,
     edges: Union[str, Tensor] = "self_only",
     *,
     layers: Any = None,
@@ -605,7 +609,7 @@ def _check_fit(mask: Tensor, x: Tensor, what: str) -> None:
 
 @contextmanager
 def attention_knockout(
-    model: Any,
+    model: HookedViT,
     edges: Union[str, Tensor] = "self_only",
     *,
     layers: Any = None,
@@ -764,7 +768,7 @@ def _check_something_left(cfg: Any, tokens: Tensor, method: str) -> None:
 
 
 def context_ablation_hooks(
-    model: Any, keep: Any, *, grid_size: Optional[Tuple[int, int]] = None
+    model: HookedViT, keep: Any, *, grid_size: Optional[Tuple[int, int]] = None
 ) -> Tuple[List[Tuple[str, Any]], ContextAblation]:
     """Hooks that remove the tokens not in ``keep`` from the sequence (``method="remove"``), for
     ``run_with_hooks``. Returns ``(hooks, info)``; see :func:`context_ablation`. The hooks refuse
@@ -792,7 +796,7 @@ def context_ablation_hooks(
 
 @contextmanager
 def context_ablation(
-    model: Any,
+    model: HookedViT,
     keep: Any,
     *,
     method: Literal["remove", "attention"] = "remove",
@@ -855,7 +859,7 @@ def context_ablation(
 
 
 def context_comparison(
-    model: Any,
+    model: HookedViT,
     images: Float[Tensor, "batch chans height width"],
     classes: Any,
     class_masks: Any,

@@ -43,7 +43,7 @@ divided by ``|v - mean(v)| |d_c - mean(d_c)|``). No weight is ever modified.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Float
@@ -52,6 +52,10 @@ from torch import Tensor
 from vit_lens.class_space import final_scale, project
 from vit_lens.core import Positions, Target, TokenLayout, cache_get, position_mask, resolve_layers, resolve_targets
 from vit_lens.core.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
+    from vit_lens.core.selection import CacheLike
+    from vit_lens.model import HookedViT
 
 By = Literal["component", "layer", "head", "neuron", "position", "head_position"]
 Kind = Literal["mlp", "attn"]
@@ -72,7 +76,7 @@ __all__ = [
 # =============================================================================================
 # direct logit attribution
 # =============================================================================================
-def dla_hooks(model, by: By = "component") -> List[str]:
+def dla_hooks(model: HookedViT, by: By = "component") -> List[str]:
     """The hook names :func:`dla` needs in the cache, for ``run_with_cache(names_filter=...)``."""
     L = model.cfg.n_layers
     names = [f"blocks.{L - 1}.hook_resid_post"]
@@ -231,8 +235,8 @@ def _part_name(dims: Tuple[str, ...], coords: Dict[str, list], row) -> str:
 
 
 def dla(
-    model,
-    cache: Any,
+    model: HookedViT,
+    cache: CacheLike,
     target: Target,
     baseline: Optional[Target] = None,
     *,
@@ -447,7 +451,7 @@ class Memories:
 
 
 def memories(
-    model,
+    model: HookedViT,
     kind: Kind = "mlp",
     *,
     metric: Literal["raw", "cosine"] = "cosine",
@@ -474,7 +478,7 @@ def memories(
 
 
 def class_value_agreement(
-    model,
+    model: HookedViT,
     kind: Kind = "mlp",
     *,
     metric: Literal["raw", "cosine"] = "cosine",
@@ -558,8 +562,8 @@ class KeyValueAgreement:
 
 
 def key_value_agreement(
-    model,
-    cache: Any,
+    model: HookedViT,
+    cache: CacheLike,
     target: Target,
     *,
     k: int = 10,
@@ -603,8 +607,8 @@ def key_value_agreement(
 
 
 def memory_compositionality(
-    model,
-    cache: Any,
+    model: HookedViT,
+    cache: CacheLike,
     *,
     k: int = 10,
     kind: Kind = "mlp",

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Literal, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,10 @@ from vit_lens.core import (
     resolve_targets,
 )
 from vit_lens.core.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
+    from vit_lens.core.selection import CacheLike
+    from vit_lens.model import HookedViT
 
 Mode = Literal["paper", "dla"]
 BlockHook = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
@@ -102,7 +106,7 @@ def _check_hook(hook: str) -> str:
 
 def patch_mask(
     pixel_mask: Union[Bool[Tensor, "batch height width"], Float[Tensor, "batch height width"]],
-    model,
+    model: HookedViT,
     threshold: float = 0.5,
 ) -> Bool[Tensor, "batch n_patches"]:
     """Patch tokens covered by a pixel mask (e.g. the segmentation of the labelled object).
@@ -130,7 +134,7 @@ def patch_mask(
 # =============================================================================================
 # projection
 # =============================================================================================
-def final_scale(model, cache: Any) -> Float[Tensor, "batch pos"]:
+def final_scale(model: HookedViT, cache: CacheLike) -> Float[Tensor, "batch pos"]:
     """The final norm's scale ``sqrt(var + eps)`` of the real residual stream, per position.
 
     What ``mode="dla"`` divides by. ``ln_final`` models: the scale of each token's final residual
@@ -177,10 +181,10 @@ def _ln_scale(x: Tensor, eps: float) -> Tensor:
 
 
 def project(
-    model,
+    model: HookedViT,
     x: Float[Tensor, "... d_model"],
     mode: Mode = "paper",
-    cache: Any = None,
+    cache: Optional[CacheLike] = None,
     *,
     scale: Optional[Float[Tensor, "..."]] = None,
     head: Optional[str] = None,
@@ -221,7 +225,7 @@ def project(
     return model.readout.project(x, mode, head=head, scale=scale)
 
 
-def readout_logits(model, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch n_classes"]:
+def readout_logits(model: HookedViT, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch n_classes"]:
     """What the classifier would output if ``resid`` were the final residual stream: the model's
     own final norm(s), pooling and classifier(s) as a pure function (no hooks fire;
     :meth:`vit_lens.components.readout.Readout.logits`). Applied to the last block's
@@ -231,11 +235,11 @@ def readout_logits(model, resid: Float[Tensor, "batch pos d_model"]) -> Float[Te
 
 
 def target_logit(
-    model,
+    model: HookedViT,
     x: Float[Tensor, "batch ... d_model"],
     target: Target,
     mode: Mode = "paper",
-    cache: Any = None,
+    cache: Optional[CacheLike] = None,
 ) -> Float[Tensor, "batch ..."]:
     """The logit of each image's target class in the projection of ``x`` (cheaper than all logits).
 
@@ -321,7 +325,7 @@ def class_identifiability(
 
 
 def top_classes(
-    model,
+    model: HookedViT,
     logits: Float[Tensor, "... n_classes"],
     k: int = 5,
     dims: Optional[Sequence[str]] = None,
@@ -361,8 +365,8 @@ def top_classes(
 
 
 def logit_lens(
-    model,
-    cache: Any,
+    model: HookedViT,
+    cache: CacheLike,
     *,
     layers: Optional[Sequence[int]] = None,
     hook: BlockHook = "resid_post",
@@ -537,8 +541,8 @@ def _ranks_of(model, x: Tensor, t: Tensor, mode: Mode, scale: Optional[Tensor]) 
 
 
 def identifiability(
-    model,
-    cache: Any,
+    model: HookedViT,
+    cache: CacheLike,
     target: Target,
     *,
     layers: Optional[Sequence[int]] = None,
@@ -598,13 +602,13 @@ def identifiability(
 
 
 def identifiability_rate(
-    model,
+    model: HookedViT,
     x: Float[Tensor, "batch pos d_model"],
     target: Target,
     positions: Positions = "image",
     *,
     mode: Mode = "paper",
-    cache: Any = None,
+    cache: Optional[CacheLike] = None,
 ) -> Float[Tensor, ""]:
     """Share of the chosen tokens of ``x`` whose target class is top-1 in the class space.
 
@@ -635,7 +639,7 @@ def identifiability_rate(
 # running on images
 # =============================================================================================
 def identify(
-    model,
+    model: HookedViT,
     images: Any,
     target: Target = PRED,
     *,
@@ -714,8 +718,8 @@ def _finite_scores(logits: Tensor, what: str) -> Tensor:
 
 
 def change_rate(
-    model,
-    cache: Any,
+    model: HookedViT,
+    cache: CacheLike,
     target: Target,
     *,
     positions: Positions = "image",
@@ -814,8 +818,8 @@ class CategoricalUpdates:
 
 
 def categorical_updates(
-    model,
-    cache: Any,
+    model: HookedViT,
+    cache: CacheLike,
     target: Target,
     *,
     mode: Mode = "paper",
@@ -950,7 +954,7 @@ class ResidualComposition:
         return pd.DataFrame(data, index=pd.RangeIndex(L, name="layer"))
 
 
-def residual_composition(model, cache: Any, *, mode: Mode = "paper") -> ResidualComposition:
+def residual_composition(model: HookedViT, cache: CacheLike, *, mode: Mode = "paper") -> ResidualComposition:
     """Classify every block output's top-1 class as coming from the input, attention, MLP or none.
 
     Compares top-1 classes (``argmax`` of each projection), as the paper's code does
@@ -999,7 +1003,7 @@ def residual_composition(model, cache: Any, *, mode: Mode = "paper") -> Residual
 # =============================================================================================
 # random baseline
 # =============================================================================================
-def random_twin(model, seed: int = 0):
+def random_twin(model: HookedViT, seed: int = 0):
     """A randomly initialised HookedViT with the same architecture (a baseline for every measure).
 
     Initialisation follows timm's default ViT scheme: linear weights (Q, K, V, O, MLP, classifier)

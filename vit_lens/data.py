@@ -321,6 +321,6 @@ def augmented_views(
             y0 = int(u(0, H - h + 1)) if H > h else 0
             view = img.crop((x0, y0, x0 + w, y0 + h))
             if flip and float(torch.rand((), generator=g)) < 0.5:
-                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             out.append(view)
     return out

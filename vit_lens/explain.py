@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,6 +44,10 @@ from torch import Tensor
 
 from vit_lens.core import PRED, Target, as_batch, chunks, grid_of, progress_bar, resolve_layers, resolve_targets
 from vit_lens.core.errors import InputError, OutOfRangeError
+
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
+    from vit_lens.core.selection import CacheLike
+    from vit_lens.model import HookedViT
 
 Mode = Literal["negative", "positive"]
 
@@ -130,7 +134,7 @@ def _reduce(
 # the paper's method
 # ---------------------------------------------------------------------------------------------
 def class_space_importance(
-    model,
+    model: HookedViT,
     images: Any,
     target: Target = PRED,
     *,
@@ -214,7 +218,7 @@ def _frozen_class_direction(model, cache, targets: Tensor) -> Float[Tensor, "bat
 
 
 def attention_key_attribution(
-    model, cache, target: Int[Tensor, "batch"], *, layers: Optional[Iterable[int]] = None
+    model: HookedViT, cache: CacheLike, target: Int[Tensor, "batch"], *, layers: Optional[Iterable[int]] = None
 ) -> Tuple[Float[Tensor, "batch layer head pos"], Float[Tensor, "batch layer"]]:
     """Per key and head, the direct contribution to the target logit of each block's attention at [CLS].
 
@@ -266,7 +270,7 @@ def _dla_cache_names(model, layers: Sequence[int]) -> List[str]:
 
 
 def direct_patch_attribution(
-    model,
+    model: HookedViT,
     images: Any,
     target: Target = PRED,
     *,
@@ -317,7 +321,7 @@ def _query_rows(model, P: int, B: int, device, dtype) -> Float[Tensor, "batch po
 
 
 def attention_rollout(
-    model,
+    model: HookedViT,
     images: Any,
     *,
     head_fusion: Literal["mean", "max", "min"] = "mean",
@@ -364,7 +368,7 @@ def attention_rollout(
 
 
 def chefer_relevance(
-    model,
+    model: HookedViT,
     images: Any,
     target: Target = PRED,
     *,
@@ -428,7 +432,7 @@ def normalize_map(maps: Float[Tensor, "*batch rows cols"], eps: float = 1e-12) -
     return (maps - lo) / (hi - lo).clamp(min=eps)
 
 
-def model_view(model, image: Any, mode: Literal["timm", "paper"] = "timm"):
+def model_view(model: HookedViT, image: Any, mode: Literal["timm", "paper"] = "timm"):
     """The image as the model sees it (resized and cropped by ``model.preprocess(mode=mode)``, not
     normalised), as an RGB PIL image of the model's input size: the picture to overlay maps on."""
     from vit_lens.preprocess import build_transform, load_image
@@ -513,7 +517,7 @@ def random_order(n_images: int, n_patches: int, seed: int, device: Any = None) -
 
 
 def keep_tokens_logits(
-    model, images: Float[Tensor, "batch chans height width"], keep: Int[Tensor, "batch n_keep"]
+    model: HookedViT, images: Float[Tensor, "batch chans height width"], keep: Int[Tensor, "batch n_keep"]
 ) -> Float[Tensor, "batch n_classes"]:
     """Logits with only the given patch tokens (indices 0..n_patches-1) plus all prefix tokens.
 
@@ -689,7 +693,7 @@ class PerturbationCurve:
 
 
 def perturbation_curve(
-    model,
+    model: HookedViT,
     images: Any,
     targets: Target,
     maps: Optional[Tensor] = None,
@@ -751,7 +755,7 @@ def perturbation_curve(
 
 
 def random_perturbation_curves(
-    model,
+    model: HookedViT,
     images: Any,
     targets: Target,
     *,
@@ -775,7 +779,7 @@ def random_perturbation_curves(
 
 
 def compare_perturbation(
-    model,
+    model: HookedViT,
     images: Any,
     targets: Target,
     maps: Mapping[str, Tensor],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import operator
 import os
-from typing import Any, Callable, List, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union, overload
 
 import torch
 import torch.nn as nn
@@ -97,11 +97,11 @@ class HookedViT(HookedRootModule):
         renamed_mods, renamed_hooks = {}, {}
         for name, module in self.mod_dict.items():
             short = name[len(_READOUT):] if name.startswith(_READOUT) else name
-            module.name = short
+            module.name = short  # type: ignore[assignment]  # a plain attribute, not a submodule
             renamed_mods[short] = module
             if name in self.hook_dict:
                 renamed_hooks[short] = module
-        self.mod_dict, self.hook_dict = renamed_mods, renamed_hooks
+        self.mod_dict, self.hook_dict = renamed_mods, renamed_hooks  # type: ignore[assignment]  # hook_dict's values are the HookPoints
 
     # the readout's parts, under the names TransformerLens code and users know
     @property
@@ -201,7 +201,7 @@ class HookedViT(HookedRootModule):
         try:
             start_at_layer = operator.index(start_at_layer)
         except TypeError:
-            start_at_layer = None
+            start_at_layer = None  # type: ignore[assignment]  # a non-int is refused just below
         if start_at_layer is None or not -L <= start_at_layer <= L:
             raise InputError(f"start_at_layer must be an int in -{L}..{L} ({cfg.model_name} has {L} blocks), got {given!r}")
         start = start_at_layer if start_at_layer >= 0 else start_at_layer + L
@@ -356,9 +356,25 @@ class HookedViT(HookedRootModule):
         )
         return cache, fwd + fwd2, bwd + bwd2
 
+    @overload
+    def run_with_cache(
+        self, *model_args: Any, return_type: None, return_cache_object: Literal[True] = True,
+        remove_batch_dim: bool = False, **kwargs: Any,
+    ) -> Tuple[None, ActivationCache]: ...
+
+    @overload
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: Literal[False], remove_batch_dim: bool = False, **kwargs: Any
+    ) -> Tuple[Optional[Tensor], Dict[str, Tensor]]: ...
+
+    @overload
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: Literal[True] = True, remove_batch_dim: bool = False, **kwargs: Any
+    ) -> Tuple[Tensor, ActivationCache]: ...
+
     def run_with_cache(
         self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any
-    ):
+    ) -> Tuple[Optional[Tensor], Union[ActivationCache, Dict[str, Tensor]]]:
         """Run the model and cache activations.
 
         Accepts TransformerLens's arguments (``names_filter``, ``device``, ``remove_batch_dim``,
@@ -445,7 +461,7 @@ class HookedViT(HookedRootModule):
         if self.cfg.pooling != "token_dist":
             raise InputError(f"{self.cfg.model_name} has no distillation head (pooling={self.cfg.pooling!r})")
         self.readout.require_head()
-        return self.readout.unembed_dist
+        return self.readout.unembed_dist  # type: ignore[return-value]  # a distilled model with a head has both
 
     def project_to_classes(
         self,
@@ -524,7 +540,7 @@ class HookedViT(HookedRootModule):
 
     # ------------------------------------------------------------------ weights, TransformerLens-style
     def _stack(self, getter: Callable[[TransformerBlock], Tensor]) -> Tensor:
-        return torch.stack([getter(b) for b in self.blocks], dim=0)
+        return torch.stack([getter(b) for b in self.blocks], dim=0)  # type: ignore[arg-type]  # blocks holds TransformerBlocks
 
     @property
     def W_E(self) -> Tensor:
@@ -593,13 +609,13 @@ class HookedViT(HookedRootModule):
             )
         total = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
         for l in range(layer):
-            total = total + self.blocks[l].attn.b_O
+            total = total + self.blocks[l].attn.b_O  # type: ignore[operator, union-attr]  # blocks holds TransformerBlocks
             if include_mlp_biases:
-                total = total + self.blocks[l].mlp.b_out
+                total = total + self.blocks[l].mlp.b_out  # type: ignore[operator, union-attr]  # blocks holds TransformerBlocks
         if mlp_input:
             if layer >= L:
                 raise OutOfRangeError(f"mlp_input=True needs a block: layer must be in 0..{L - 1}, got {layer}")
-            total = total + self.blocks[layer].attn.b_O
+            total = total + self.blocks[layer].attn.b_O  # type: ignore[operator, union-attr]  # blocks holds TransformerBlocks
         return total
 
     @property
@@ -623,7 +639,7 @@ class HookedViT(HookedRootModule):
         """
         from vit_lens.loading import convert_timm_model
 
-        return convert_timm_model(cls, model, device=device, dtype=dtype, **processing)
+        return convert_timm_model(cls, model, device=device, dtype=dtype, **processing)  # type: ignore[arg-type]  # a `name=` keyword would reach convert_timm_model's name
 
     @classmethod
     def from_pretrained(

@@ -112,7 +112,7 @@ class ClassMetric:
     """
 
     def __init__(self, kind: Literal["logit", "logit_diff", "prob"], classes: Classes, other: Optional[Classes] = None,
-                 model: Any = None):
+                 model: Optional[HookedViT] = None):
         if kind not in ("logit", "logit_diff", "prob"):
             raise InputError(f"kind must be 'logit', 'logit_diff' or 'prob', got {kind!r}")
         for c in (classes, other):
@@ -126,7 +126,7 @@ class ClassMetric:
         self.__name__ = kind
         self._memo: Dict[Tuple[int, int, str], Tuple[Tensor, Optional[Tensor]]] = {}
 
-    def bind(self, model: Any) -> "ClassMetric":
+    def bind(self, model: HookedViT) -> "ClassMetric":
         """This metric with its class names resolved against ``model``."""
         return ClassMetric(self.kind, self.classes, self.other, model=model)
 
@@ -163,22 +163,22 @@ class ClassMetric:
         return f"{self.kind}_metric({self.classes!r}{other})"
 
 
-def logit_metric(classes: Classes, *, model: Any = None) -> ClassMetric:
+def logit_metric(classes: Classes, *, model: Optional[HookedViT] = None) -> ClassMetric:
     """Metric: the logit of ``classes`` (an index, a class name, or one per image ``[batch]``)."""
     return ClassMetric("logit", classes, model=model)
 
 
-def logit_diff_metric(classes: Classes, other: Classes, *, model: Any = None) -> ClassMetric:
+def logit_diff_metric(classes: Classes, other: Classes, *, model: Optional[HookedViT] = None) -> ClassMetric:
     """Metric: ``logit[classes] - logit[other]`` (each a class, or one per image)."""
     return ClassMetric("logit_diff", classes, other, model=model)
 
 
-def prob_metric(classes: Classes, *, model: Any = None) -> ClassMetric:
+def prob_metric(classes: Classes, *, model: Optional[HookedViT] = None) -> ClassMetric:
     """Metric: the softmax probability of ``classes`` (a class, or one per image)."""
     return ClassMetric("prob", classes, model=model)
 
 
-def bind_metric(metric: Metric, model: Any) -> Metric:
+def bind_metric(metric: Metric, model: HookedViT) -> Metric:
     """``metric`` bound to ``model`` (class names resolved there) when it can be bound."""
     bind = getattr(metric, "bind", None)
     return bind(model) if callable(bind) else metric
@@ -203,7 +203,7 @@ class identifiability_metric:
 
     def __init__(
         self,
-        model: Any,
+        model: HookedViT,
         classes: Classes,
         *,
         positions: Positions = "patches",
@@ -311,7 +311,7 @@ def _patch_mask(
 
 
 def patching_hooks(
-    model: Any,
+    model: HookedViT,
     hook_names: Union[str, Sequence[str]],
     source: Any = None,
     *,
@@ -859,7 +859,7 @@ def _base_result(model: Any, clean: Tensor) -> Dict[str, Any]:
 
 
 def patch_positions_sweep(
-    model: Any,
+    model: HookedViT,
     clean: Float[Tensor, "batch chans height width"],
     corrupted: Float[Tensor, "batch chans height width"],
     metric: Metric,
@@ -917,7 +917,7 @@ def patch_positions_sweep(
 
 
 def patch_heads_sweep(
-    model: Any,
+    model: HookedViT,
     clean: Float[Tensor, "batch chans height width"],
     corrupted: Float[Tensor, "batch chans height width"],
     metric: Metric,
@@ -970,7 +970,7 @@ def patch_heads_sweep(
 
 
 def patch_block_every(
-    model: Any,
+    model: HookedViT,
     clean: Float[Tensor, "batch chans height width"],
     corrupted: Float[Tensor, "batch chans height width"],
     metric: Metric,
@@ -1011,7 +1011,7 @@ def patch_block_every(
 
 
 def patch_components_sweep(
-    model: Any,
+    model: HookedViT,
     clean: Float[Tensor, "batch chans height width"],
     corrupted: Float[Tensor, "batch chans height width"],
     metric: Metric,

@@ -29,6 +29,10 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
 
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
+    from vit_lens.config import HookedViTConfig
+    from vit_lens.model import HookedViT
+
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
     from torch import Tensor
@@ -106,7 +110,7 @@ def _text_grid(hover_text: Any, shape: Tuple[int, ...], what: str = "hover_text"
     raise InputError(f"{what} has shape {arr.shape} but the values have shape {shape}; give one string per value")
 
 
-def position_labels(cfg: Any, grid_size: Optional[Tuple[int, int]] = None) -> list:
+def position_labels(cfg: Union[HookedViTConfig, HookedViT], grid_size: Optional[Tuple[int, int]] = None) -> list:
     """Readable labels for every sequence position: prefix token names, then ``"r,c"`` per patch.
 
     Args:

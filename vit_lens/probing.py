@@ -22,7 +22,7 @@ images; what can be run there is the mechanics (see ``experiments/perturbation_e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -31,6 +31,9 @@ from tqdm.auto import tqdm
 
 from vit_lens.core import Positions, TokenLayout, as_batch, chunks, grid_of, position_mask, resolve_layers
 from vit_lens.core.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
+    from vit_lens.model import HookedViT
 
 COMPONENTS = {
     "resid": "hook_resid_post",
@@ -185,7 +188,7 @@ def _component_hook(component: str) -> str:
 
 
 def collect_activations(
-    model,
+    model: HookedViT,
     images: Any,
     *,
     layers: Optional[Iterable[int]] = None,
@@ -228,7 +231,7 @@ def collect_activations(
 # probes vs class-space projection
 # ---------------------------------------------------------------------------------------------
 def linear_probe_sweep(
-    model,
+    model: HookedViT,
     train_images: Any,
     train_labels: Int[Tensor, "n_train"],
     test_images: Any,
@@ -289,7 +292,7 @@ def linear_probe_sweep(
 
 
 def probe_importance(
-    model,
+    model: HookedViT,
     train_images: Any,
     train_labels: Int[Tensor, "n_train"],
     test_images: Any,

@@ -60,7 +60,7 @@ class PosEmbed(nn.Module):
 
     def forward(self, batch: int, grid_size: Tuple[int, int]) -> Float[Tensor, "batch pos d_model"]:
         cfg = self.cfg
-        W = self.W_pos
+        W: Tensor = self.W_pos
         n_pre = cfg.n_prefix_tokens
         if tuple(grid_size) != tuple(cfg.grid_size):
             from timm.layers import resample_abs_pos_embed

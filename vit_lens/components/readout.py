@@ -67,6 +67,14 @@ class Readout(nn.Module):
     Output: logits ``[batch, n_classes]`` (the pooled features ``[batch, d_model]`` when headless).
     """
 
+    # the head state (HEAD_STATE): persistent buffers registered in __init__, None until set
+    head_source_W: Optional[Tensor]
+    head_source_b: Optional[Tensor]
+    head_source_W_dist: Optional[Tensor]
+    head_source_b_dist: Optional[Tensor]
+    final_norm_w: Optional[Tensor]
+    final_norm_b: Optional[Tensor]
+
     def __init__(self, cfg: HookedViTConfig):
         super().__init__()
         self.cfg = cfg
@@ -181,7 +189,7 @@ class Readout(nn.Module):
         if self.unembed is None:
             return pooled.mean(dim=1) if self.cfg.pooling == "token_dist" else pooled
         if self.cfg.pooling == "token_dist":
-            return (self.unembed(pooled[:, 0]) + self.unembed_dist(pooled[:, 1])) / 2
+            return (self.unembed(pooled[:, 0]) + self.unembed_dist(pooled[:, 1])) / 2  # type: ignore[misc]  # token_dist with a head has both
         return self.unembed(pooled)
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
@@ -219,9 +227,9 @@ class Readout(nn.Module):
             if head == "cls":
                 return unembed.W_U, unembed.b_U
             if head == "dist":
-                return self.unembed_dist.W_U, self.unembed_dist.b_U
+                return self.unembed_dist.W_U, self.unembed_dist.b_U  # type: ignore[union-attr]  # token_dist with a head has both
             if head == "mean":
-                return (unembed.W_U + self.unembed_dist.W_U) / 2, (unembed.b_U + self.unembed_dist.b_U) / 2
+                return (unembed.W_U + self.unembed_dist.W_U) / 2, (unembed.b_U + self.unembed_dist.b_U) / 2  # type: ignore[union-attr]
             raise InputError(f"head must be 'mean', 'cls' or 'dist' for a distilled model, got {head!r}")
         if head not in (None, "cls", "mean"):
             raise InputError(
@@ -338,9 +346,9 @@ class Readout(nn.Module):
                         f"space='head': W must be [n_head_outputs={src.shape[1]}, n_classes] (the model's original head "
                         f"has {src.shape[1]} outputs), got {tuple(W.shape)}"
                     )
-                heads = [(src @ W, self.head_source_b @ W + b)]
+                heads = [(src @ W, self.head_source_b @ W + b)]  # type: ignore[operator]  # set with head_source_W
                 if self.head_source_W_dist is not None:
-                    heads.append((self.head_source_W_dist @ W, self.head_source_b_dist @ W + b))
+                    heads.append((self.head_source_W_dist @ W, self.head_source_b_dist @ W + b))  # type: ignore[operator]
             else:
                 raise InputError(f"space must be 'residual' or 'head', got {space!r}")
             if "center_unembed" in applied:

@@ -112,7 +112,7 @@ class TokenLayout:
 
 def _layout(where: Any, grid_size: Optional[Tuple[int, int]] = None) -> TokenLayout:
     if isinstance(where, TokenLayout):
-        return where if grid_size is None else TokenLayout(where.n_prefix, tuple(grid_size), where.prefix_names,
+        return where if grid_size is None else TokenLayout(where.n_prefix, tuple(grid_size), where.prefix_names,  # type: ignore[arg-type]
                                                            where.patch_size, where.image_size)
     return TokenLayout.of(where, grid_size)
 
@@ -240,7 +240,7 @@ def _mask(lay: TokenLayout, positions: Positions, batch: Optional[int]) -> Tenso
             vals = [int(positions)]
         else:
             try:
-                vals = [int(i) for i in (positions.reshape(-1).tolist() if isinstance(positions, Tensor) else positions)]
+                vals = [int(i) for i in (positions.reshape(-1).tolist() if isinstance(positions, Tensor) else positions)]  # type: ignore[union-attr]  # ints are Integral
             except (TypeError, ValueError):
                 raise InputTypeError(
                     f"positions must be a name ({', '.join(POSITION_NAMES)}), an index, indices, a boolean mask or a "
@@ -280,4 +280,4 @@ def _bool_mask(lay: TokenLayout, p: Tensor, batch: Optional[int]) -> Tensor:
             f"a boolean position mask must be [pos={n}], [n_patches={n_img}] or the patch grid [{rows}, {cols}]"
             f"{per_image}; got shape {tuple(p.shape)}"
         )
-    return full.clone()
+    return full.clone()  # type: ignore[union-attr]  # ok implies full is not None

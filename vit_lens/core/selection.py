@@ -6,7 +6,7 @@ import difflib
 import numbers
 import operator
 import re
-from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool
@@ -15,10 +15,13 @@ from torch import Tensor
 from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError, UnknownNameError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from transformer_lens import ActivationCache
+
     from vit_lens.model import HookedViT
 
 __all__ = [
     "BLOCK_HOOKS",
+    "CacheLike",
     "Layers",
     "cache_get",
     "cache_has",
@@ -31,6 +34,9 @@ __all__ = [
 ]
 
 Layers = Union[None, int, Iterable[int]]
+#: what the analyses read activations from: the ActivationCache of ``model.run_with_cache``, or its dict
+#: (``return_cache_object=False``); every read goes through :func:`cache_get`
+CacheLike = Union["ActivationCache", Dict[str, Tensor]]
 
 #: per-block residual-stream hooks, by short name
 BLOCK_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")

@@ -204,7 +204,7 @@ def resolve_targets(
         t = torch.full((batch,), class_index(model, target), dtype=torch.long, device=dev)
     else:
         try:
-            items = list(target)
+            items = list(target)  # type: ignore[arg-type]  # ints are Integral (handled above)
         except TypeError:
             raise InputTypeError(f"cannot read a target class from {type(target).__name__} {target!r}") from None
         t = torch.tensor([class_index(model, c) for c in items], dtype=torch.long, device=dev)
