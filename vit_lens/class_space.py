@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from vit_lens.components.readout import ProjectMode
 from vit_lens.core import (
     BLOCK_HOOKS,
     PRED,
@@ -66,7 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run
     from vit_lens.core.selection import CacheLike
     from vit_lens.model import HookedViT
 
-Mode = Literal["paper", "dla"]
+Mode = ProjectMode  # the projection modes are the readout's
 BlockHook = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
 
 __all__ = [

@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run
     from vit_lens.core.selection import CacheLike
     from vit_lens.model import HookedViT
 
-Mode = Literal["negative", "positive"]
+PerturbationMode = Literal["negative", "positive"]
 
 __all__ = [
     "class_space_importance",
@@ -699,7 +699,7 @@ def perturbation_curve(
     maps: Optional[Tensor] = None,
     *,
     order: Optional[Int[Tensor, "batch n_patches"]] = None,
-    mode: Mode = "negative",
+    mode: PerturbationMode = "negative",
     steps: Union[None, int, Sequence[int]] = None,
     batch_size: int = 32,
     tie_seed: Optional[int] = 0,
@@ -760,7 +760,7 @@ def random_perturbation_curves(
     targets: Target,
     *,
     seeds: Iterable[int] = range(5),
-    mode: Mode = "negative",
+    mode: PerturbationMode = "negative",
     steps: Union[None, int, Sequence[int]] = None,
     batch_size: int = 32,
     progress: bool = True,
@@ -784,7 +784,7 @@ def compare_perturbation(
     targets: Target,
     maps: Mapping[str, Tensor],
     *,
-    modes: Sequence[Mode] = ("negative", "positive"),
+    modes: Sequence[PerturbationMode] = ("negative", "positive"),
     random_seeds: Iterable[int] = range(5),
     steps: Union[None, int, Sequence[int]] = None,
     batch_size: int = 32,
