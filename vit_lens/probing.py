@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vit_lens.core import Positions, TokenLayout, as_batch, chunks, grid_of, position_mask, resolve_layers
-from vit_lens.core.errors import InputError
+from vit_lens.core.errors import InputError, InputTypeError
 
 COMPONENTS = {
     "resid": "hook_resid_post",
@@ -159,7 +159,18 @@ def fit_ridge_probe(
         labels: class index of each sample [n].
         classes: the output classes (default: the sorted distinct labels).
     """
-    labels = torch.as_tensor(labels).long().to(X.device)
+    if not isinstance(X, Tensor) or not X.is_floating_point() or X.ndim < 2:
+        got = f"{X.dtype} {tuple(X.shape)}" if isinstance(X, Tensor) else type(X).__name__
+        raise InputTypeError(f"X must be a float tensor of features [n, d] or [*probes, n, d], got {got}")
+    if X.shape[-2] == 0:
+        raise InputError(f"X has no samples (shape {tuple(X.shape)}); a probe needs at least two labelled samples")
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputTypeError(f"labels must be integer class indices [n], got {type(labels).__name__}") from None
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InputTypeError(f"labels must be integer class indices [n], got dtype {labels.dtype}")
+    labels = labels.long().to(X.device)
     if labels.ndim != 1 or labels.shape[0] != X.shape[-2]:
         raise InputError(f"labels must be [n={X.shape[-2]}], got shape {tuple(labels.shape)}")
     classes_t = torch.unique(labels) if classes is None else torch.as_tensor(list(classes), device=X.device).long()
