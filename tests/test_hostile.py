@@ -46,6 +46,18 @@ def _inf(n: int = 2) -> torch.Tensor:
     return x
 
 
+def _nan_cache(c):
+    """The clean cache with one NaN in image 1's residual stream, from block 1 on (a hook that edits
+    activations, or a float16 overflow, gives such a cache)."""
+    out = {}
+    for k, v in c.cache.items():
+        v = v.clone()
+        if k.startswith("blocks.1.") or k.startswith(("ln_final", "hook_pooled")):
+            v[(1,) + (0,) * (v.ndim - 1)] = float("nan")
+        out[k] = v
+    return out
+
+
 class Ctx:
     """The models and a clean cache the cases run on."""
 
@@ -173,6 +185,19 @@ def _cases():  # noqa: C901 - a table
                                           "mode must be"),
         "identifiability, NaN cache": (lambda c: C.identifiability(c.m, {k: v * float("nan") for k, v in c.cache.items()},
                                                                    0), InputError, "NaN"),
+        "categorical_updates, NaN cache": (lambda c: C.categorical_updates(c.m, _nan_cache(c), 0), InputError, "NaN"),
+        "categorical_updates, NaN cache, ranks": (lambda c: C.categorical_updates(c.m, _nan_cache(c), 0,
+                                                                                  quantity="rank"), InputError, "NaN"),
+        "change_rate, NaN cache": (lambda c: C.change_rate(c.m, _nan_cache(c), 0), InputError, "NaN"),
+        "identifiability_rate, NaN residual": (lambda c: C.identifiability_rate(
+            c.m, _nan_cache(c)["blocks.1.hook_resid_post"], 0), InputError, "NaN"),
+        "dla, NaN cache": (lambda c: A.dla(c.m, _nan_cache(c), 0), InputError, "NaN"),
+        "identify, int64 tensor": (lambda c: C.identify(c.m, torch.zeros(2, 3, 32, 32, dtype=torch.long),
+                                                        progress=False), InputTypeError, "uint8"),
+        "identify, a string that is no file": (lambda c: C.identify(c.m, "no_such_cat.jpg", progress=False),
+                                               MissingFileError, "no_such_cat.jpg"),
+        "identify, float tensor, single image": (lambda c: C.identify(c.m, _images(1)[0], progress=False), InputError,
+                                                 "single image"),
         "logit_lens, layer out of range": (lambda c: C.logit_lens(c.m, c.cache, layers=[-3]), OutOfRangeError,
                                            "out of range"),
         "logit_lens, unknown hook": (lambda c: C.logit_lens(c.m, c.cache, hook="attn"), InputError, "hook must be one of.*got 'attn'"),
@@ -267,6 +292,20 @@ def _cases():  # noqa: C901 - a table
                                                                                P.logit_metric(7, model=c.m),
                                                                                progress=False),
                                              OutOfRangeError, "class index 7"),
+        "positions sweep, metric not callable": (lambda c: P.patch_positions_sweep(c.m, c.x, _images(2, 1), "logit",
+                                                                                   progress=False),
+                                                 InputTypeError, "metric must be a function.*got str"),
+        "positions sweep, unknown option": (sweep(P.patch_positions_sweep, chunks=3), InputTypeError,
+                                            r"unknown sweep option\(s\) \['chunks'\]"),
+        "positions sweep, metric of the wrong shape": (lambda c: P.patch_positions_sweep(
+            c.m, c.x, _images(2, 1), lambda logits: logits.sum(), progress=False), InputError,
+            "one value per image"),
+        "heads sweep, hook without heads": (sweep(P.patch_heads_sweep, hook="resid_pre"), InputError, "no head axis"),
+        "run_patched, source batch of another size": (lambda c: P.run_patched(c.m, c.x, "blocks.0.hook_resid_pre",
+                                                                              _images(3)), InputError,
+                                                      r"source shape \(3, 17, 192\)"),
+        "run_patched, NaN source images": (lambda c: P.run_patched(c.m, c.x, "blocks.0.hook_resid_pre", _nan()),
+                                           InputError, "NaN or inf"),
         # ---------------------------------------------------------------- explain
         "class_space_importance, NaN": (lambda c: E.class_space_importance(c.m, _nan(), progress=False), InputError,
                                         "NaN or inf"),
@@ -306,6 +345,19 @@ def _cases():  # noqa: C901 - a table
         "perturbation_curve, steps out of range": (lambda c: E.perturbation_curve(c.m, c.x, 0, torch.rand(2, 4, 4),
                                                                                   steps=[0, 20], progress=False),
                                                    VitLensError, "20|16"),
+        "perturbation_curve, NaN maps": (lambda c: E.perturbation_curve(c.m, c.x, 0, torch.full((2, 4, 4), float("nan")),
+                                                                        progress=False), InputError,
+                                         "maps contain NaN or inf"),
+        "perturbation_curve, maps as a list": (lambda c: E.perturbation_curve(c.m, c.x, 0, [[0.0]], progress=False),
+                                               InputTypeError, "maps must be a float tensor.*got list"),
+        "perturbation_curve, order out of range": (lambda c: E.perturbation_curve(
+            c.m, c.x, 0, order=torch.arange(16).repeat(2, 1) + 5, progress=False), OutOfRangeError, "0..15"),
+        "perturbation_curve, maps and order": (lambda c: E.perturbation_curve(
+            c.m, c.x, 0, torch.rand(2, 4, 4), order=torch.arange(16).repeat(2, 1), progress=False), InputError,
+            "exactly one of maps="),
+        "attention_rollout, residual_weight > 1": (lambda c: E.attention_rollout(c.m, c.x, residual_weight=1.5,
+                                                                                 progress=False), InputError,
+                                                   r"residual_weight must be in \[0, 1\]"),
         # ---------------------------------------------------------------- probing
         "fit_ridge_probe, NaN features": (lambda c: R.fit_ridge_probe(torch.full((6, 4), float("nan")),
                                                                       torch.arange(6) % 2), InputError, "NaN|finite"),
@@ -334,13 +386,24 @@ def _cases():  # noqa: C901 - a table
                                                                                  c.x, torch.arange(2),
                                                                                  components=("mlp",), progress=False),
                                                   InputError, "unknown component 'mlp'; choose from"),
+        "fit_ridge_probe, NaN alpha": (lambda c: R.fit_ridge_probe(torch.randn(6, 4), torch.arange(6) % 2,
+                                                                   alpha=float("nan")), InputError, "alpha must be > 0"),
+        "fit_ridge_probe, int features": (lambda c: R.fit_ridge_probe(torch.ones(6, 4, dtype=torch.long),
+                                                                      torch.arange(6) % 2), InputTypeError,
+                                          "X must be a float tensor.*int64"),
+        "linear_probe_sweep, float labels": (lambda c: R.linear_probe_sweep(c.m, _images(4), torch.rand(4), c.x,
+                                                                            torch.arange(2), progress=False),
+                                             InputTypeError, "train_labels must be integer class indices.*float32"),
+        "linear_probe_sweep, position out of range": (lambda c: R.linear_probe_sweep(
+            c.m, _images(4), torch.arange(4) % 2, c.x, torch.arange(2), positions=[40], progress=False),
+            OutOfRangeError, r"positions \[40\] out of range"),
         # ---------------------------------------------------------------- set_class_directions
         "set_class_directions, wrong d_model": (lambda c: c.m.set_class_directions(torch.randn(100, 7)), InputError,
                                                 r"W must be \[d_model=192, n_classes\], got \(100, 7\)"),
         "set_class_directions, NaN": (lambda c: c.m.set_class_directions(torch.full((192, 7), float("nan"))),
                                       InputError, "NaN|finite"),
         "set_class_directions, labels count": (lambda c: c.m.set_class_directions(torch.randn(192, 3), ["a", "b"]),
-                                               InputError, "2 labels.*3|3.*2 labels|labels"),
+                                               InputError, "2 labels for 3 class directions"),
         "set_class_directions, wrong bias": (lambda c: c.m.set_class_directions(torch.randn(192, 3),
                                                                                 bias=torch.zeros(4)),
                                              InputError, "bias"),
@@ -351,6 +414,11 @@ def _cases():  # noqa: C901 - a table
                                                                                            space="head"),
                                                         InputError, "7"),
         "set_class_directions, 1-d": (lambda c: c.m.set_class_directions(torch.randn(192)), InputError, "192"),
+        "set_class_directions, NaN bias": (lambda c: c.m.set_class_directions(torch.randn(192, 3),
+                                                                              bias=torch.full((3,), float("nan"))),
+                                           InputError, "bias contains NaN or inf"),
+        "set_class_directions, labels as a string": (lambda c: c.m.set_class_directions(torch.randn(192, 3), "abc"),
+                                                     InputTypeError, "labels must be a list of class names"),
         # ---------------------------------------------------------------- save / load
         "load, missing file": (lambda c: HookedViT.load("/nonexistent/model.safetensors"), MissingFileError,
                                "no such file.*model.safetensors.*model.save"),
@@ -405,7 +473,32 @@ def test_float64_images_on_a_float32_model_just_work(ctx):
     r64, _ = C.identify(ctx.m, ctx.x.double(), 0, progress=False)
     r32, _ = C.identify(ctx.m, ctx.x, 0, progress=False)
     assert torch.equal(r64.rank, r32.rank)
+    from vit_lens import explain as E
+    from vit_lens import patching as P
+
+    torch.testing.assert_close(E.attention_rollout(ctx.m, ctx.x.double(), progress=False),
+                               E.attention_rollout(ctx.m, ctx.x, progress=False), rtol=0, atol=1e-6)
+    a = P.patch_positions_sweep(ctx.m, ctx.x.double(), _images(2, 1).double(), P.logit_metric(0, model=ctx.m),
+                                layers=[1], progress=False)
+    b = P.patch_positions_sweep(ctx.m, ctx.x, _images(2, 1), P.logit_metric(0, model=ctx.m), layers=[1],
+                                progress=False)
+    torch.testing.assert_close(a.values, b.values, rtol=0, atol=1e-5)
     assert weights_hash(ctx.m) == before
+
+
+def test_float32_images_on_a_float64_model_just_work():
+    """The other way round (a new user's report: torch's 'Input type (float) and bias type (double)'):
+    the model casts, and its float64 logits match timm's float64 model."""
+    t = make_timm("vit_tiny_patch16_224", **KW).double()
+    m = HookedViT.from_timm(t)
+    assert m.dtype == torch.float64
+    before = weights_hash(m)
+    x = _images(2)
+    with torch.no_grad():
+        got, ref = m(x), t(x.double())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+    assert weights_hash(m) == before
 
 
 # ---------------------------------------------------------------- the CLI: status 2, one line, no traceback

@@ -527,6 +527,8 @@ class HookedViT(HookedRootModule):
         """
         from vit_lens.loading.processing import applied_processing
 
+        if isinstance(labels, str):
+            raise InputTypeError(f"labels must be a list of class names, one per column of W, got the string {labels!r}")
         if labels is not None and isinstance(W, Tensor) and W.ndim == 2 and len(labels) != W.shape[1]:
             raise InputError(f"{len(labels)} labels for {W.shape[1]} class directions; give one label per column of W")
         heads = self.readout.new_heads(W, bias, space, applied_processing(self))

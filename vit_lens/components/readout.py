@@ -315,6 +315,8 @@ class Readout(nn.Module):
             bias = torch.as_tensor(bias).to(device=ref, dtype=dtype)
             if tuple(bias.shape) != (n,):
                 raise InputError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+            if not bool(torch.isfinite(bias).all()):
+                raise InputError("the bias contains NaN or inf")
         b = bias if bias is not None else torch.zeros(n, device=ref, dtype=dtype)
         # every check before the snapshot: a refused call leaves the model as it was
         if space not in ("residual", "head"):
