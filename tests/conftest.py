@@ -74,6 +74,18 @@ def make_timm(name: str, seed: int = 0, **kwargs):
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
+def weights_hash(model) -> str:
+    """sha256 over every parameter and buffer (name and bytes) of ``model``: equal before and after a
+    call means the call changed no weight."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def spread_head(t, seed: int = 1):
     """Give a random-init timm model a larger classifier and final-norm spread (timm initialises the head
     at std 0.02 and the norms at 1/0), so logits differ visibly and class ranks are not ties. In place."""

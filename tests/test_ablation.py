@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_timm
+from conftest import make_timm, weights_hash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -730,16 +730,6 @@ def test_context_ablation_and_knockout_for_another_image_size():
 
 
 # ------------------------------------------------------------------ hostile inputs: clear errors, weights untouched
-def _weights_hash(model) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _hostile_cases():
     B4 = torch.ones(4, 4, dtype=torch.bool)
 
@@ -854,18 +844,18 @@ def test_hostile_inputs_raise_library_errors_and_touch_no_weight(pair, case):
 
     _, m = pair
     run, exc, pattern = _HOSTILE[case]
-    before = _weights_hash(m)
+    before = weights_hash(m)
     with pytest.raises(exc, match=pattern) as err:
         run(m)
     assert isinstance(err.value, VitLensError)
-    assert _weights_hash(m) == before
+    assert weights_hash(m) == before
     assert all(blk.attn.attn_mask is None for blk in m.blocks)  # nothing left behind
     assert not any(hp._forward_hooks for _, hp in m.hook_dict.items())
 
 
 def test_knockout_and_context_ablation_touch_no_weight(pair):
     _, m = pair
-    before = _weights_hash(m)
+    before = weights_hash(m)
     x = _images(2, 2)
     for mode in ("mask", "paper", "zero_edges"):
         for edges in ("self_only", "no_cls"):
@@ -877,4 +867,4 @@ def test_knockout_and_context_ablation_touch_no_weight(pair):
         with context_ablation(m, keep, method=method):
             m.run_with_cache(x)
     context_comparison(m, x, 0, keep, progress=False)
-    assert _weights_hash(m) == before
+    assert weights_hash(m) == before

@@ -286,6 +286,13 @@ def dla(
         logit = final.gather(1, t[:, None])[:, 0]
         if base is not None:
             logit = logit - final.gather(1, base[:, None])[:, 0]
+        if not bool(torch.isfinite(logit).all()):
+            bad = (~torch.isfinite(logit)).nonzero().flatten().tolist()
+            raise InputError(
+                f"the cache gives NaN / inf target logits for images {bad}: their attributions would be meaningless. "
+                "HookedViT refuses non-finite pixels, so check a hand-made cache, a hook that edits activations, or a "
+                "float16 overflow (run the model in float32)."
+            )
 
         rest: Dict[str, Tensor] = {}
         if model.ln_pre is None:

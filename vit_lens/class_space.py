@@ -57,11 +57,12 @@ from vit_lens.core import (
     cache_get,
     cache_has,
     hook_names,
+    int_list,
     position_mask,
     resolve_layers,
     resolve_targets,
 )
-from vit_lens.core.errors import InputError
+from vit_lens.core.errors import InputError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
     from vit_lens.core.selection import CacheLike
@@ -249,6 +250,10 @@ def target_logit(
         target: one class, or one per image.
     """
     model.readout.require_head()
+    D = model.cfg.d_model
+    if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[-1] != D:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise InputError(f"target_logit expects vectors [batch, ..., d_model={D}], got {got}")
     B = x.shape[0]
     t = resolve_targets(model, target, B)
     if mode == "paper":
@@ -391,8 +396,12 @@ def logit_lens(
     short = _check_hook(hook)
     ls = resolve_layers(layers, model)
     sel = slice(None) if positions is None else positions
-    if isinstance(sel, int):
-        sel = [sel]
+    if not isinstance(sel, slice):
+        sel = int_list(sel, "positions")
+        P = cache_get(cache, f"blocks.{ls[0]}.hook_{short}").shape[1]
+        bad = [i for i in sel if not -P <= i < P]
+        if bad:
+            raise OutOfRangeError(f"positions {bad} out of range for {P} positions; use indices in -{P}..{P - 1}")
     out = []
     scale = final_scale(model, cache)[:, sel] if mode == "dla" else None
     with torch.no_grad():

@@ -31,6 +31,14 @@ class UsageError(Exception):
     """A problem with the command line (reported without a traceback)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error (unknown option, invalid choice) is a :class:`UsageError`:
+    one line and status 2 from :func:`main`, not argparse's usage block and ``SystemExit``."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def _version() -> str:
     from vit_lens import __version__
 
@@ -38,7 +46,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="vit-lens",
         description="Mechanistic interpretability of Vision Transformers in class embedding space.",
     )
@@ -321,7 +329,11 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``vit-lens`` console script. Returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"vit-lens: error: {e}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2

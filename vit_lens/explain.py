@@ -43,7 +43,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from vit_lens.core import PRED, Target, as_batch, chunks, grid_of, progress_bar, resolve_layers, resolve_targets
-from vit_lens.core.errors import InputError, OutOfRangeError
+from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
     from vit_lens.core.selection import CacheLike
@@ -732,10 +732,15 @@ def perturbation_curve(
     if (maps is None) == (order is None):
         raise InputError("give exactly one of maps= (importance maps) or order= (patch indices, most important first)")
     if maps is not None:
-        if maps.shape[0] != B or maps[0].numel() != N:
+        if not isinstance(maps, Tensor) or not maps.is_floating_point():
+            got = f"dtype {maps.dtype}" if isinstance(maps, Tensor) else type(maps).__name__
+            raise InputTypeError(f"maps must be a float tensor [batch, {rows}, {cols}] of importance scores, got {got}")
+        if maps.ndim < 2 or maps.shape[0] != B or maps[0].numel() != N:
             raise InputError(
                 f"maps must be [batch={B}, {rows}, {cols}] (or [batch, {N}]) for these images, got {tuple(maps.shape)}"
             )
+        if not bool(torch.isfinite(maps).all()):
+            raise InputError("maps contain NaN or inf: they give no order of the patches; check the method that made them")
         order = token_order(maps, tie_seed=tie_seed)
     order = torch.as_tensor(order).long().to(x_all.device)
     if tuple(order.shape) != (B, N):

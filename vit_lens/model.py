@@ -181,6 +181,15 @@ class HookedViT(HookedRootModule):
         else:
             start = self._check_residual(images, start_at_layer)
             resid = images
+        if stop_at_layer is not None:
+            L = self.cfg.n_layers
+            if isinstance(stop_at_layer, bool) or not hasattr(stop_at_layer, "__index__"):
+                raise InputTypeError(f"stop_at_layer must be an int in -{L}..{L}, got {stop_at_layer!r}")
+            if not -L <= operator.index(stop_at_layer) <= L:
+                raise OutOfRangeError(
+                    f"stop_at_layer={stop_at_layer} out of range: {self.cfg.model_name} has {L} blocks, so it must be in "
+                    f"-{L}..{L} ({L}: the output of the last block)"
+                )
         stop = len(range(self.cfg.n_layers)[:stop_at_layer])  # slice semantics, as before
         if stop < start:
             raise InputError(f"stop_at_layer ({stop_at_layer}) comes before start_at_layer ({start_at_layer})")
@@ -534,6 +543,10 @@ class HookedViT(HookedRootModule):
         """
         from vit_lens.loading.processing import applied_processing
 
+        if isinstance(labels, str):
+            raise InputTypeError(f"labels must be a list of class names, one per column of W, got the string {labels!r}")
+        if labels is not None and isinstance(W, Tensor) and W.ndim == 2 and len(labels) != W.shape[1]:
+            raise InputError(f"{len(labels)} labels for {W.shape[1]} class directions; give one label per column of W")
         heads = self.readout.new_heads(W, bias, space, applied_processing(self), device=self.device, dtype=self.dtype)
         self.readout.set_heads(heads, labels)
         self.setup()

@@ -63,7 +63,7 @@ from vit_lens.core.targets import ClassList
 
 if TYPE_CHECKING:  # pragma: no cover
     from vit_lens.model import HookedViT
-from vit_lens.core.errors import InputError, UnknownNameError
+from vit_lens.core.errors import InputError, InputTypeError, UnknownNameError
 
 __all__ = [
     "ClassMetric",
@@ -180,6 +180,11 @@ def prob_metric(classes: Classes, *, model: Optional[HookedViT] = None) -> Class
 
 def bind_metric(metric: Metric, model: HookedViT) -> Metric:
     """``metric`` bound to ``model`` (class names resolved there) when it can be bound."""
+    if not callable(metric):
+        raise InputTypeError(
+            f"metric must be a function of the logits [..., batch, n_classes] -> [..., batch] (e.g. "
+            f"logit_metric(class)), got {type(metric).__name__}"
+        )
     bind = getattr(metric, "bind", None)
     return bind(model) if callable(bind) else metric
 

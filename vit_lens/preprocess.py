@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from vit_lens.core.errors import InputError, InputTypeError
+from vit_lens.core.errors import InputError, InputTypeError, MissingFileError
 
 
 class SmallImageWarning(UserWarning):
@@ -61,9 +61,12 @@ def load_image(item: Any) -> Image.Image:
     if isinstance(item, (str, os.PathLike)):
         path = Path(item).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"no image file at {str(path)!r}")
-        with Image.open(path) as im:
-            return im.convert("RGB")
+            raise MissingFileError(f"no image file at {str(path)!r}; check the path")
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+            raise InputError(f"cannot read {str(path)!r} as an image ({e}); pass image files (jpg, png, ...)") from e
     if isinstance(item, Tensor):
         item = item.detach().cpu().numpy()
     if isinstance(item, np.ndarray):
@@ -76,8 +79,10 @@ def load_image(item: Any) -> Image.Image:
             item = np.transpose(item, (1, 2, 0))  # [C, H, W] -> [H, W, C]
         if item.ndim == 3 and item.shape[-1] == 1:
             item = item[..., 0]
-        if item.ndim not in (2, 3):
-            raise InputError(f"expected an image [H, W, C] or [C, H, W], got an array of shape {item.shape}")
+        if item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[-1] not in (3, 4)):
+            raise InputError(
+                f"expected an image [H, W, C] or [C, H, W] with 1, 3 or 4 channels, got an array of shape {item.shape}"
+            )
         return Image.fromarray(item).convert("RGB")
     raise InputTypeError(
         f"cannot read an image from {type(item).__name__}; pass PIL images, file paths, or uint8 arrays/tensors"

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vit_lens.core import Positions, TokenLayout, as_batch, chunks, grid_of, position_mask, resolve_layers
-from vit_lens.core.errors import InputError
+from vit_lens.core.errors import InputError, InputTypeError
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
     from vit_lens.model import HookedViT
@@ -75,7 +75,7 @@ def ridge_fit(
     Returns:
         ``(W [*probes, d, k], b [*probes, k])`` in ``X``'s dtype.
     """
-    if alpha <= 0:
+    if not 0 < alpha < float("inf"):
         raise InputError(f"alpha must be > 0 (ridge), got {alpha}")
     if X.ndim < 2:
         raise InputError(f"X must be [..., n, d], got shape {tuple(X.shape)}")
@@ -148,6 +148,18 @@ class RidgeProbe:
         return torch.where(known, rank, torch.full_like(rank, s.shape[-1]))
 
 
+def _int_labels(labels: Any, what: str) -> Int[Tensor, "n"]:
+    """``labels`` as an int64 CPU tensor; floats, booleans and non-numbers are refused (a float label
+    cast to int would silently become another class)."""
+    try:
+        t = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputTypeError(f"{what} must be integer class indices [n], got {type(labels).__name__}") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InputTypeError(f"{what} must be integer class indices [n], got dtype {t.dtype}")
+    return t.long().cpu()
+
+
 def fit_ridge_probe(
     X: Float[Tensor, "*probes n d"],
     labels: Int[Tensor, "n"],
@@ -162,7 +174,12 @@ def fit_ridge_probe(
         labels: class index of each sample [n].
         classes: the output classes (default: the sorted distinct labels).
     """
-    labels = torch.as_tensor(labels).long().to(X.device)
+    if not isinstance(X, Tensor) or not X.is_floating_point() or X.ndim < 2:
+        got = f"{X.dtype} {tuple(X.shape)}" if isinstance(X, Tensor) else type(X).__name__
+        raise InputTypeError(f"X must be a float tensor of features [n, d] or [*probes, n, d], got {got}")
+    if X.shape[-2] == 0:
+        raise InputError(f"X has no samples (shape {tuple(X.shape)}); a probe needs at least two labelled samples")
+    labels = _int_labels(labels, "labels").to(X.device)
     if labels.ndim != 1 or labels.shape[0] != X.shape[-2]:
         raise InputError(f"labels must be [n={X.shape[-2]}], got shape {tuple(labels.shape)}")
     classes_t = torch.unique(labels) if classes is None else torch.as_tensor(list(classes), device=X.device).long()
@@ -261,8 +278,8 @@ def linear_probe_sweep(
     train_images, test_images = as_batch(model, train_images), as_batch(model, test_images)
     rows_, cols_ = grid_of(model, test_images)
     pos_list = _positions(model, positions, model.cfg.n_prefix_tokens + rows_ * cols_)
-    train_labels = torch.as_tensor(train_labels).long().cpu()
-    test_labels = torch.as_tensor(test_labels).long().cpu()
+    train_labels = _int_labels(train_labels, "train_labels")
+    test_labels = _int_labels(test_labels, "test_labels")
     kw = dict(layers=layers, components=components, positions=positions, batch_size=batch_size, progress=progress)
     train = collect_activations(model, train_images, **kw)
     test = collect_activations(model, test_images, **kw)

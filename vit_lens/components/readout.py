@@ -36,7 +36,7 @@ from transformer_lens.hook_points import HookPoint
 from vit_lens.components.head import Unembed
 from vit_lens.components.layer_norm import LayerNorm
 from vit_lens.config import HookedViTConfig
-from vit_lens.core.errors import InputError
+from vit_lens.core.errors import InputError, InputTypeError
 
 Head = Optional[Literal["mean", "cls", "dist"]]
 ProjectMode = Literal["paper", "dla"]
@@ -309,7 +309,10 @@ class Readout(nn.Module):
         from vit_lens.loading.processing import fold_into
 
         ref = device
-        W = torch.as_tensor(W).to(device=ref, dtype=dtype)
+        try:
+            W = torch.as_tensor(W).to(device=ref, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputTypeError(f"W must be a tensor [inputs, n_classes], got {type(W).__name__}") from None
         if W.ndim != 2:
             raise InputError(f"W must be a matrix [inputs, n_classes], got shape {tuple(W.shape)}")
         if not bool(torch.isfinite(W).all()):
@@ -321,7 +324,24 @@ class Readout(nn.Module):
             bias = torch.as_tensor(bias).to(device=ref, dtype=dtype)
             if tuple(bias.shape) != (n,):
                 raise InputError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+            if not bool(torch.isfinite(bias).all()):
+                raise InputError("the bias contains NaN or inf")
         b = bias if bias is not None else torch.zeros(n, device=ref, dtype=dtype)
+        # every check before the snapshot: a refused call leaves the model as it was
+        if space not in ("residual", "head"):
+            raise InputError(f"space must be 'residual' or 'head', got {space!r}")
+        if space == "residual" and W.shape[0] != self.cfg.d_model:
+            raise InputError(
+                f"W must be [d_model={self.cfg.d_model}, n_classes], got {tuple(W.shape)}; for directions in the space "
+                "of the model's head outputs (e.g. CLIP text embeddings) pass space='head'."
+            )
+        if space == "head" and self.head_source_W is None and self.unembed is not None \
+                and W.shape[0] != self.unembed.W_U.shape[1]:
+            n_out = self.unembed.W_U.shape[1]
+            raise InputError(
+                f"space='head': W must be [n_head_outputs={n_out}, n_classes] (the model's original head "
+                f"has {n_out} outputs), got {tuple(W.shape)}"
+            )
         self.snapshot_head()
         with torch.no_grad():
             if space == "residual":

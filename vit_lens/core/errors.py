@@ -37,10 +37,18 @@ class AmbiguousNameError(UnknownNameError):
     """A name that matches more than one thing (e.g. ``"crane"``: the bird and the machine)."""
 
 
+class MissingFileError(VitLensError, FileNotFoundError):
+    """No file where one was asked for (an image, a saved model); also a ``FileNotFoundError``."""
+
+    def __str__(self) -> str:  # FileNotFoundError would format (errno, strerror)
+        return str(self.args[0]) if self.args else ""
+
+
 __all__ = [
     "AmbiguousNameError",
     "InputError",
     "InputTypeError",
+    "MissingFileError",
     "OutOfRangeError",
     "UnknownNameError",
     "VitLensError",

@@ -127,6 +127,11 @@ def grid_of(model: Any, x: Union[Tensor, int]) -> Tuple[int, int]:
     cfg = getattr(model, "cfg", model)
     if isinstance(x, Tensor):
         return tuple(model._check_images(x))
+    if isinstance(x, (bool, str, bytes)) or not isinstance(x, (int, float)) and not hasattr(x, "__index__"):
+        raise InputTypeError(
+            f"expected a preprocessed batch of images [batch, chans, H, W] (model.preprocess(...)) or a number of "
+            f"positions, got {type(x).__name__}"
+        )
     n_pos = int(x)
     if n_pos == cfg.n_ctx:
         return tuple(cfg.grid_size)

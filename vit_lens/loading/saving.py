@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from vit_lens.core.errors import InputError
+from vit_lens.core.errors import InputError, MissingFileError
 
 FORMAT = "vit_lens.hooked_vit/2"
 #: formats this version reads (format 1 named the readout's tensors without the ``readout.`` prefix
@@ -66,9 +66,14 @@ def load_hooked(
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {str(path)!r} (write one with model.save(path))")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("vit_lens")
+        raise MissingFileError(f"no such file: {str(path)!r} (write one with model.save(path))")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("vit_lens")
+    except Exception as e:  # safetensors raises its own SafetensorError for a file that is not one
+        raise InputError(
+            f"{str(path)!r} is not a .safetensors file ({e}); HookedViT.load reads files written by model.save(path)"
+        ) from e
     if raw is None:
         raise InputError(
             f"{str(path)!r} was not written by HookedViT.save (no 'vit_lens' metadata). A timm checkpoint "
