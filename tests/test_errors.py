@@ -166,3 +166,38 @@ def test_empty_batch_is_refused_everywhere(tiny):
     # was: RuntimeError: cannot reshape tensor of 0 elements
     with pytest.raises(ValueError, match="the batch is empty"):
         patch_positions_sweep(tiny, empty, empty, logit_metric(0), progress=False)
+
+
+def test_quantities_not_defined_for_a_model_are_library_errors():
+    """Per-head DLA of post-norm blocks has no meaning: a VitLensError (also a NotImplementedError)."""
+    from timm.models.vision_transformer import ResPostBlock
+
+    from vit_lens import NotDefinedError
+    from vit_lens.attribution import dla, dla_hooks
+
+    m = HookedViT.from_timm(make_timm("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3,
+                                      block_fn=ResPostBlock))
+    _, cache = m.run_with_cache(torch.randn(1, 3, 32, 32), names_filter=dla_hooks(m, "component"))
+    with pytest.raises(NotDefinedError, match="post-norm.*by='component'"):
+        dla(m, cache, 0, by="head")
+    assert issubclass(NotDefinedError, NotImplementedError)
+
+
+def test_zero_patch_with_a_source_is_refused(tiny):
+    """value='zero' used to ignore a source given with it, silently."""
+    from vit_lens.patching import run_patched
+
+    x = torch.randn(1, 3, 32, 32)
+    _, cache = tiny.run_with_cache(x, names_filter=["blocks.0.hook_resid_pre"])
+    with pytest.raises(ValueError, match="value='zero' patches in zeros"):
+        run_patched(tiny, x, "blocks.0.hook_resid_pre", cache, value="zero")
+    assert run_patched(tiny, x, "blocks.0.hook_resid_pre", value="zero").shape == (1, tiny.cfg.n_classes)
+
+
+def test_probe_importance_refuses_float_labels(tiny):
+    from vit_lens.probing import probe_importance
+
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.raises(TypeError, match="train_labels"):
+        probe_importance(tiny, x, torch.tensor([0.0, 1.0, 0.5, 1.0]), x[:1], torch.tensor([0]), layers=[0],
+                         progress=False)

@@ -24,6 +24,7 @@ _LAZY = {
     "OutOfRangeError": "vit_lens.core.errors",
     "UnknownNameError": "vit_lens.core.errors",
     "AmbiguousNameError": "vit_lens.core.errors",
+    "NotDefinedError": "vit_lens.core.errors",
     "supported_models": "vit_lens.loading",
     "sample_image": "vit_lens.samples",
     "sample_image_path": "vit_lens.samples",
@@ -100,6 +101,7 @@ if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports t
         OutOfRangeError as OutOfRangeError,
         UnknownNameError as UnknownNameError,
         AmbiguousNameError as AmbiguousNameError,
+        NotDefinedError as NotDefinedError,
     )
     from vit_lens.samples import (
         sample_image as sample_image,

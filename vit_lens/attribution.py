@@ -51,7 +51,7 @@ from torch import Tensor
 
 from vit_lens.class_space import final_scale, project
 from vit_lens.core import Positions, Target, TokenLayout, cache_get, position_mask, resolve_layers, resolve_targets
-from vit_lens.core.errors import InputError
+from vit_lens.core.errors import InputError, NotDefinedError
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
     from vit_lens.core.selection import CacheLike
@@ -271,7 +271,7 @@ def dla(
     L = cfg.n_layers
     dla_hooks(model, by)  # validates `by`
     if cfg.post_norm and by not in ("component", "layer"):
-        raise NotImplementedError(
+        raise NotDefinedError(
             f"{cfg.model_name} normalises sublayer outputs (post-norm blocks), so they are not sums over "
             f"heads/neurons/positions; use by='component' or by='layer'"
         )

@@ -62,7 +62,7 @@ from vit_lens.core import (
     resolve_layers,
     resolve_targets,
 )
-from vit_lens.core.errors import InputError, OutOfRangeError
+from vit_lens.core.errors import InputError, NotDefinedError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
     from vit_lens.core.selection import CacheLike
@@ -146,7 +146,7 @@ def final_scale(model: HookedViT, cache: CacheLike) -> Float[Tensor, "batch pos"
     """
     cfg = model.cfg
     if model.ln_final is not None and model.fc_norm is not None:
-        raise NotImplementedError(
+        raise NotDefinedError(
             "mode='dla' is not defined for a model with both a per-token final LayerNorm and an fc_norm "
             "(the readout is then not linear with one frozen scale); use mode='paper'"
         )

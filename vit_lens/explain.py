@@ -43,7 +43,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from vit_lens.core import PRED, Target, as_batch, chunks, grid_of, progress_bar, resolve_layers, resolve_targets
-from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
+from vit_lens.core.errors import InputError, InputTypeError, NotDefinedError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
     from vit_lens.core.selection import CacheLike
@@ -242,7 +242,7 @@ def attention_key_attribution(
     cls = _require_cls(model, "attention_key_attribution")
     _require_token_pooling(model, "attention_key_attribution")
     if model.cfg.post_norm:
-        raise NotImplementedError(
+        raise NotDefinedError(
             "per-key attribution needs attn_out to be linear in the values; post-norm blocks "
             "normalise the attention output. Use class_space_importance for this model."
         )

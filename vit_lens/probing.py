@@ -332,8 +332,8 @@ def probe_importance(
     kw = dict(layers=layers, components=(component,), positions="patches", batch_size=batch_size, progress=progress)
     train = collect_activations(model, train_images, **kw)
     test = collect_activations(model, x_test, **kw)
-    train_labels = torch.as_tensor(train_labels).long().cpu()
-    test_targets = torch.as_tensor(test_targets).long().cpu()
+    train_labels = _int_labels(train_labels, "train_labels")
+    test_targets = _int_labels(test_targets, "test_targets")
     total = None
     for key, Xtr in train.items():
         probe = fit_ridge_probe(Xtr.transpose(0, 1), train_labels, alpha)

@@ -33,6 +33,11 @@ class UnknownNameError(VitLensError, KeyError):
     """A name that does not exist: a hook, a class, a cache entry, a model."""
 
 
+class NotDefinedError(VitLensError, NotImplementedError):
+    """A quantity that is not defined for this model (e.g. per-head attribution of post-norm blocks);
+    the message says which function or option to use instead."""
+
+
 class AmbiguousNameError(UnknownNameError):
     """A name that matches more than one thing (e.g. ``"crane"``: the bird and the machine)."""
 
@@ -48,6 +53,7 @@ __all__ = [
     "AmbiguousNameError",
     "InputError",
     "InputTypeError",
+    "NotDefinedError",
     "MissingFileError",
     "OutOfRangeError",
     "UnknownNameError",
