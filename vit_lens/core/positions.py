@@ -80,7 +80,9 @@ class TokenLayout:
 
     @property
     def has_class_token(self) -> bool:
-        return bool(self.prefix_names) and self.prefix_names[0] == "CLS" if self.prefix_names else self.n_prefix > 0
+        if self.prefix_names:
+            return self.prefix_names[0] == "CLS"
+        return self.n_prefix > 0  # a layout known by counts: position 0 is taken to be [CLS]
 
     @classmethod
     def of(cls, model: Any, grid: Optional[Tuple[int, int]] = None) -> "TokenLayout":
