@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,9 @@ def test_import_stays_lazy():
 @pytest.fixture(scope="module")
 def mypy_run(tmp_path_factory):
     """One mypy run over the covered modules and the user script (errors of other modules silenced)."""
-    script = tmp_path_factory.mktemp("typing") / "user_script.py"
+    # a fresh module name every run: mypy's cache would otherwise replay an earlier run's messages (with that
+    # run's path) for an unchanged script of the same name
+    script = tmp_path_factory.mktemp("typing") / f"user_script_{os.getpid()}_{time.time_ns()}.py"
     script.write_text(USER_SCRIPT)
     env = {**os.environ, "MYPYPATH": str(ROOT), "PYTHONPATH": str(ROOT)}  # this checkout's vit_lens, not an installed one
     cmd = [
