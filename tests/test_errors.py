@@ -183,17 +183,6 @@ def test_quantities_not_defined_for_a_model_are_library_errors():
     assert issubclass(NotDefinedError, NotImplementedError)
 
 
-def test_zero_patch_with_a_source_is_refused(tiny):
-    """value='zero' used to ignore a source given with it, silently."""
-    from vit_lens.patching import run_patched
-
-    x = torch.randn(1, 3, 32, 32)
-    _, cache = tiny.run_with_cache(x, names_filter=["blocks.0.hook_resid_pre"])
-    with pytest.raises(ValueError, match="value='zero' patches in zeros"):
-        run_patched(tiny, x, "blocks.0.hook_resid_pre", cache, value="zero")
-    assert run_patched(tiny, x, "blocks.0.hook_resid_pre", value="zero").shape == (1, tiny.cfg.n_classes)
-
-
 def test_probe_importance_refuses_float_labels(tiny):
     from vit_lens.probing import probe_importance
 

@@ -349,8 +349,6 @@ def patching_hooks(
     names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
     if value not in ("source", "zero", "mean", "resample"):
         raise InputError(f"value must be 'source', 'zero', 'mean' or 'resample', got {value!r}")
-    if value == "zero" and source is not None:
-        raise InputError("value='zero' patches in zeros, so source= would be ignored; drop it, or use value='source'")
     if value != "zero" and source is None:
         raise InputError(
             f"value={value!r} needs a source run: pass source=cache from "
