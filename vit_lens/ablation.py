@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from vit_lens.core import head_mask, int_list, position_mask, resolve_layers, resolve_targets
+from vit_lens.core import Box, box_grid_mask, head_mask, int_list, position_mask, resolve_layers, resolve_targets
 from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
@@ -158,35 +158,13 @@ def grid_mask_from_box(
     Returns:
         bool ``[rows, cols]`` over the patch grid.
     """
-    import math
-
-    cfg = _cfg(model)
     try:
-        coords = [float(v) for v in box]
-    except (TypeError, ValueError):
+        coords = list(box)
+    except TypeError:
         raise InputTypeError(f"box must be four numbers (x0, y0, x1, y1) in pixels, got {box!r}") from None
     if len(coords) != 4:
         raise InputError(f"box must be (x0, y0, x1, y1), got {box!r}")
-    if not all(math.isfinite(v) for v in coords):
-        raise InputError(f"box {tuple(box)} has a non-finite coordinate; give four finite pixel coordinates")
-    if not 0.0 <= float(min_overlap) <= 1.0:
-        raise InputError(f"min_overlap is a fraction of a patch's area, in [0, 1]; got {min_overlap!r}")
-    x0, y0, x1, y1 = coords
-    if x1 <= x0 or y1 <= y0:
-        raise InputError(f"box {tuple(box)} is empty: need x0 < x1 and y0 < y1 (pixels, y down)")
-    H, W = cfg.image_size
-    if image_size is not None:
-        ih, iw = image_size
-        x0, x1 = x0 * W / iw, x1 * W / iw
-        y0, y1 = y0 * H / ih, y1 * H / ih
-    ph, pw = cfg.patch_size
-    rows, cols = cfg.grid_size
-    r = torch.arange(rows, dtype=torch.float64)
-    c = torch.arange(cols, dtype=torch.float64)
-    oy = ((torch.clamp(r * ph + ph, max=y1) - torch.clamp(r * ph, min=y0)).clamp(min=0)) / ph
-    ox = ((torch.clamp(c * pw + pw, max=x1) - torch.clamp(c * pw, min=x0)).clamp(min=0)) / pw
-    frac = oy[:, None] * ox[None, :]
-    return frac > 0 if min_overlap <= 0 else frac >= min_overlap - 1e-12
+    return box_grid_mask(Box(*coords, image_size=image_size, min_overlap=min_overlap), _cfg(model))
 
 
 def grid_mask_from_segmentation(

@@ -160,11 +160,17 @@ def box_grid_mask(box: Box, model: Any, grid_size: Optional[Tuple[int, int]] = N
     lay = _layout(model, grid_size)
     if lay.patch_size is None:
         raise InputError("a pixel box needs the model's patch size: pass the model, not a bare layout")
-    x0, y0, x1, y1 = (float(v) for v in (box.x0, box.y0, box.x1, box.y1))
+    given = (box.x0, box.y0, box.x1, box.y1)
+    try:
+        x0, y0, x1, y1 = (float(v) for v in given)
+    except (TypeError, ValueError):
+        raise InputTypeError(f"box must be four numbers (x0, y0, x1, y1) in pixels, got {given!r}") from None
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        raise InputError(f"box {box} has non-finite coordinates")
+        raise InputError(f"box {given} has a non-finite coordinate; give four finite pixel coordinates")
+    if not 0.0 <= float(box.min_overlap) <= 1.0:
+        raise InputError(f"min_overlap is a fraction of a patch's area, in [0, 1]; got {box.min_overlap!r}")
     if x1 <= x0 or y1 <= y0:
-        raise InputError(f"box ({x0}, {y0}, {x1}, {y1}) is empty: need x0 < x1 and y0 < y1 (pixels, y down)")
+        raise InputError(f"box {given} is empty: need x0 < x1 and y0 < y1 (pixels, y down)")
     ph, pw = lay.patch_size
     rows, cols = lay.grid
     H, W = rows * ph, cols * pw
