@@ -748,3 +748,41 @@ class HookedViT(HookedRootModule):
             f"{c.n_classes} classes, {c.image_size[0]}x{c.image_size[1]} images, "
             f"{c.n_prefix_tokens}+{c.n_patches} tokens)"
         )
+
+    # ------------------------------------------------------------------ more sources (issue 13)
+    @classmethod
+    def from_open_clip(
+        cls,
+        model_or_name: Any,
+        pretrained: Optional[Union[str, os.PathLike]] = None,
+        *,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        open_clip_kwargs: Optional[dict] = None,
+        **processing: bool,
+    ) -> "HookedViT":
+        """Convert the image tower of an OpenCLIP model (``VisionTransformer`` towers: ViT-B-32,
+        ViT-B-16, ViT-L-14, ViT-H-14, the ``-quickgelu`` variants, ...).
+
+        Args:
+            model_or_name: an OpenCLIP model (``open_clip.create_model(...)``; ``CLIP``,
+                ``CustomTextCLIP``), its ``.visual`` tower, or a name: ``"ViT-B-32"``,
+                ``"ViT-B-32/openai"``, ``"open_clip:ViT-B-32/openai"``, ``"local-dir:/folder"``.
+            pretrained: with a name: an OpenCLIP tag (``"openai"``; OpenCLIP downloads it), a local
+                weights file (loaded strictly by OpenCLIP), or None (random weights).
+            device, dtype: where and in which precision (default: the model's; CPU float32 for a name).
+            open_clip_kwargs: more ``open_clip.create_model`` arguments, with a name.
+            **processing: weight-processing options (``fold_ln``, ``center_writing_weights``,
+                ``center_unembed``, ``fold_value_biases``).
+
+        The head is the tower's projection into the image-text space (``W_U = proj``
+        [width, embed_dim], no bias): the logits are OpenCLIP's ``encode_image`` (unnormalised).
+        Give it classes from text with :func:`vit_lens.clip.set_text_classes`.
+        ``model.preprocess`` is OpenCLIP's own eval transform (mean / std / size / resize mode of
+        the model). Anything that cannot be converted exactly is refused with
+        :class:`~vit_lens.UnsupportedModelError` naming the feature.
+        """
+        from vit_lens.loading.sources.open_clip import from_open_clip
+
+        return from_open_clip(cls, model_or_name, pretrained, device=device, dtype=dtype,
+                              open_clip_kwargs=open_clip_kwargs, **processing)
