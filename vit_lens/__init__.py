@@ -79,6 +79,9 @@ _LAZY = {
     "context_comparison": "vit_lens.ablation",
     "grid_mask_from_box": "vit_lens.ablation",
     "grid_mask_from_segmentation": "vit_lens.ablation",
+    # issue 13: class spaces from text for CLIP image towers
+    "set_text_classes": "vit_lens.clip",
+    "text_class_embeddings": "vit_lens.clip",
 }
 
 if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports these on first use
@@ -168,6 +171,10 @@ if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports t
         context_comparison as context_comparison,
         grid_mask_from_box as grid_mask_from_box,
         grid_mask_from_segmentation as grid_mask_from_segmentation,
+    )
+    from vit_lens.clip import (
+        set_text_classes as set_text_classes,
+        text_class_embeddings as text_class_embeddings,
     )
 
 __all__ = sorted(_LAZY) + ["__version__"]
