@@ -40,6 +40,8 @@ COVERED = [
     "vit_lens/loading/__init__.py",
     "vit_lens/loading/checkpoints.py",
     "vit_lens/loading/saving.py",
+    "vit_lens/loading/sources/open_clip.py",
+    "vit_lens/clip.py",
 ]
 
 USER_SCRIPT = '''\

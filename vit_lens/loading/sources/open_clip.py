@@ -133,7 +133,7 @@ def _act_name(act: nn.Module) -> str:
     raise UnsupportedModelError(f"MLP activation {type(act).__name__} is not supported (GELU, GELU-tanh, QuickGELU are)")
 
 
-def config_from_open_clip(visual: nn.Module, name: Optional[str] = None) -> HookedViTConfig:
+def config_from_open_clip(visual: Any, name: Optional[str] = None) -> HookedViTConfig:
     """Derive the architecture of an OpenCLIP ``VisionTransformer``, refusing unsupported features by name."""
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
@@ -200,8 +200,8 @@ def config_from_open_clip(visual: nn.Module, name: Optional[str] = None) -> Hook
         eps.add(_eps(blk.ln_2, f"block {i} ln_2"))
     if len(eps) != 1:
         refuse(f"LayerNorms with different eps values {sorted(eps)}")
-    image_size = tuple(int(s) for s in visual.image_size)
-    patch_size = tuple(int(s) for s in visual.patch_size)
+    image_size: Tuple[int, int] = (int(visual.image_size[0]), int(visual.image_size[1]))
+    patch_size: Tuple[int, int] = (int(visual.patch_size[0]), int(visual.patch_size[1]))
     if image_size[0] % patch_size[0] or image_size[1] % patch_size[1]:
         refuse(f"an image size {image_size} that is not a multiple of the patch size {patch_size}")
     pos = visual.positional_embedding
@@ -241,7 +241,7 @@ def config_from_open_clip(visual: nn.Module, name: Optional[str] = None) -> Hook
 # ---------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------
-def state_dict_from_open_clip(visual: nn.Module, cfg: HookedViTConfig) -> Dict[str, torch.Tensor]:
+def state_dict_from_open_clip(visual: Any, cfg: HookedViTConfig) -> Dict[str, torch.Tensor]:
     """OpenCLIP image-tower state -> HookedViT state dict (LayerScale folded into the output weights).
 
     ``in_proj_weight`` [3 * d_model, d_model] holds Q, K, V, each with head ``h`` in rows
@@ -289,7 +289,7 @@ def state_dict_from_open_clip(visual: nn.Module, cfg: HookedViTConfig) -> Dict[s
     return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in sd.items()}
 
 
-def data_config_of(visual: nn.Module, cfg: HookedViTConfig, label: str) -> Dict[str, Any]:
+def data_config_of(visual: Any, cfg: HookedViTConfig, label: str) -> Dict[str, Any]:
     """OpenCLIP's eval transform as the timm data config :meth:`HookedViT.preprocess` reads.
 
     OpenCLIP's ``resize_mode='shortest'`` (resize the short side, centre crop) is timm's
@@ -459,7 +459,8 @@ def from_open_clip(cls: Any, model_or_name: Any, pretrained: Optional[Union[str,
     """See :meth:`vit_lens.HookedViT.from_open_clip`."""
     from vit_lens.loading.processing import validate_processing_options
 
-    validate_processing_options(processing)
+    options: Dict[str, object] = dict(processing)
+    validate_processing_options(options)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InputTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if isinstance(model_or_name, str):
