@@ -22,7 +22,7 @@ from vit_lens import HookedViT  # noqa: E402
 from vit_lens.clip import DEFAULT_TEMPLATES, image_embedding, set_text_classes, text_class_embeddings, zero_shot_logits  # noqa: E402
 from vit_lens.core.errors import InputError, InputTypeError  # noqa: E402
 
-TEXT = dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2)
+TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=2)  # short prompts: 16 tokens
 VISION = dict(layers=2, width=32, head_width=8, patch_size=8, image_size=32)
 NAMES = ["tabby cat", "golden retriever", "sports car", "oak tree", "sailboat", "espresso"]
 OPTION_SETS = {
@@ -51,7 +51,7 @@ def clip_model():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return open_clip.get_tokenizer("ViT-B-32")  # bundled BPE, offline
+    return open_clip.get_tokenizer("ViT-B-32", context_length=16)  # bundled BPE, offline
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def hf_clip():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77),
+                         num_attention_heads=4, max_position_embeddings=16),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8),
         projection_dim=24,
@@ -216,7 +216,7 @@ def test_refusals(clip_model, tokenizer):
         set_text_classes(model, other, tokenizer, NAMES, progress=False)
     assert model.cfg.n_classes == 24  # a refused call leaves the model as it was
     with pytest.raises(InputError, match="context"):
-        text_class_embeddings(clip_model, lambda texts: tokenizer(texts)[:, :20], NAMES, progress=False)
+        text_class_embeddings(clip_model, lambda texts: tokenizer(texts)[:, :10], NAMES, progress=False)
     with pytest.raises(InputError, match="empty"):
         text_class_embeddings(clip_model, tokenizer, [], progress=False)
     with pytest.raises(InputError, match="distinct"):

@@ -384,9 +384,24 @@ def _check_name(name: str) -> str:
     return name
 
 
-def load(name: str, *, pretrained: Optional[Union[str, os.PathLike]] = None,
-         open_clip_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[Converted, nn.Module]:
-    """An OpenCLIP name -> (:class:`Converted`, the OpenCLIP model it came from).
+def load(name: str, *, checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+         pretrained: Optional[Union[str, os.PathLike]] = None,
+         open_clip_kwargs: Optional[Dict[str, Any]] = None) -> Converted:
+    """The source interface's ``load``: an OpenCLIP name -> :class:`Converted` (see :func:`open_model`;
+    ``checkpoint_path`` is a local weights file, the same as ``pretrained=path``)."""
+    if checkpoint_path is not None:
+        if pretrained is not None:
+            raise InputTypeError("give the weights once: pretrained= (a tag or a file) or checkpoint_path= (a file)")
+        if not Path(checkpoint_path).expanduser().is_file():
+            raise InputError(f"no weights file at {str(checkpoint_path)!r}")
+        pretrained = checkpoint_path
+    return open_model(name, pretrained=pretrained, open_clip_kwargs=open_clip_kwargs)[0]
+
+
+def open_model(name: str, *, pretrained: Optional[Union[str, os.PathLike]] = None,
+               open_clip_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[Converted, nn.Module]:
+    """An OpenCLIP name -> (:class:`Converted`, the OpenCLIP model it came from, whose text tower
+    :func:`vit_lens.clip.set_text_classes` can use).
 
     Args:
         name: an OpenCLIP model name (``"ViT-B-32"``), ``"local-dir:/folder"`` (a folder with
@@ -468,7 +483,7 @@ def from_open_clip(cls: Any, model_or_name: Any, pretrained: Optional[Union[str,
             model_or_name = model_or_name[len(PREFIX):]
         if pretrained is None and "/" in model_or_name and not model_or_name.startswith(("hf-hub:", "local-dir:")):
             model_or_name, pretrained = model_or_name.split("/", 1)  # "ViT-B-32/openai"
-        converted, _ = load(model_or_name, pretrained=pretrained, open_clip_kwargs=open_clip_kwargs)
+        converted, _ = open_model(model_or_name, pretrained=pretrained, open_clip_kwargs=open_clip_kwargs)
         return build_model(cls, converted, device=device or "cpu", dtype=dtype or torch.float32, **processing)
     if not isinstance(model_or_name, nn.Module):
         raise InputTypeError(
@@ -531,6 +546,7 @@ __all__ = [
     "from_open_clip",
     "load",
     "name_feature",
+    "open_model",
     "state_dict_from_open_clip",
     "supported_names",
     "table_rows",
