@@ -348,6 +348,17 @@ def test_hub_errors_and_quickgelu_tags(monkeypatch):
     assert "force_quick_gelu" not in seen
 
 
+def test_dtype_and_device():
+    m, x = variant("clip")
+    m64 = __import__("copy").deepcopy(m).double()
+    hooked = HookedViT.from_open_clip(m, dtype=torch.float64, device="cpu")
+    assert hooked.dtype == torch.float64 and hooked.device.type == "cpu"
+    with torch.no_grad():
+        assert (hooked(x.double()) - m64.encode_image(x.double())).abs().max().item() <= 1e-10
+    with pytest.raises(InputTypeError, match="dtype"):
+        HookedViT.from_open_clip(m, dtype=torch.int64)
+
+
 def test_bad_names_tags_and_arguments(tiny_name):
     with pytest.raises(InputError, match="ViT-B-32"):
         HookedViT.from_open_clip("ViT-B-33")

@@ -449,9 +449,10 @@ def open_model(name: str, *, pretrained: Optional[Union[str, os.PathLike]] = Non
             warnings.filterwarnings("ignore", message="QuickGELU mismatch")  # handled above
             model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
     except (RuntimeError, OSError, ValueError) as e:
-        if pretrained is not None and tag is not None and not name.startswith("local-dir:"):
+        if name.startswith("hf-hub:") or (tag is not None and not name.startswith("local-dir:")):
+            what = name if tag is None else f"{name}/{tag}"
             raise RuntimeError(
-                f"could not fetch the OpenCLIP weights {name}/{tag} ({type(e).__name__}: {str(e)[:200]}). If this "
+                f"could not fetch the OpenCLIP weights {what} ({type(e).__name__}: {str(e)[:200]}). If this "
                 f"machine is offline, pass a local copy: HookedViT.from_open_clip({name!r}, "
                 "pretrained='path/to/open_clip_model.safetensors'), or a folder with open_clip_config.json and the "
                 "weights: HookedViT.from_open_clip('local-dir:/path/to/folder')."
