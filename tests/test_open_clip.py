@@ -208,7 +208,8 @@ def test_real_size_conversion_on_meta(name):
     ("RN50", "ModifiedResNet"),
     ("ViT-B-16-SigLIP", "timm image tower"),
     ("EVA02-B-16", "timm image tower"),
-    ("coca_ViT-B-32", "attentional pooling"),
+    ("coca_ViT-B-32", "CoCa"),
+    ("coca_base", "CoCa"),
     ("roberta-ViT-B-32", "Hugging Face text tower"),
     ("convnext_base", "timm image tower"),
 ])

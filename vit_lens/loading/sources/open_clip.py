@@ -26,7 +26,7 @@ OpenCLIP's ViT, mapped onto HookedViT:
 
 Refused up front with :class:`UnsupportedModelError` naming the feature: image towers that are
 not OpenCLIP's ``VisionTransformer`` (timm trunks -- SigLIP, EVA, ConvNeXt, ViTamin, MobileCLIP,
-PE -- and the ModifiedResNets), attentional pooling (CoCa), ``pool_type='none'``, custom blocks
+PE -- and the ModifiedResNets), attentional pooling, CoCa models, ``pool_type='none'``, custom blocks
 (``qk_norm``, scaled cosine attention, head / attention / MLP scaling), and, by name, models whose
 text tower is a Hugging Face model that OpenCLIP builds from the hub (pass such a model object instead).
 """
@@ -72,6 +72,8 @@ def name_feature(name: str) -> Optional[str]:
                 "VisionTransformer")
     if isinstance(vision.get("layers"), (list, tuple)):
         return "a ModifiedResNet image tower (a CNN), not a Vision Transformer"
+    if "multimodal_cfg" in cfg:
+        return "a CoCa model (image tokens feed a multimodal text decoder; its contrastive head is not tested)"
     if vision.get("attentional_pool"):
         return "attentional pooling of the image tokens (CoCa's AttentionalPooler)"
     custom = [k for k in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
