@@ -635,13 +635,21 @@ def table_rows() -> List[Tuple[str, str, str, str, str]]:
     ]
 
 
-#: the refused classes, for the README
-def refused_text() -> str:
-    return ("Refused Hugging Face classes (`UnsupportedModelError`, naming the feature): "
-            + "; ".join(f"`{k}`: {v.split(';')[0].split(' (use')[0]}" for k, v in REFUSED_CLASSES.items()
-                        if k in ("Dinov2ForImageClassification", "SiglipVisionModel", "Siglip2VisionModel",
-                                 "CLIPForImageClassification", "ViTMAEModel", "BeitModel", "Dinov2WithRegistersModel"))
-            + "; and every class not listed above.")
+_README_REFUSED = ("Dinov2ForImageClassification", "SiglipVisionModel", "Siglip2VisionModel", "CLIPForImageClassification",
+                   "Dinov2WithRegistersModel", "ViTMAEModel", "BeitModel")
+
+
+def table_notes() -> str:
+    """The README paragraph under the table for the Hugging Face rows: parity and refusals."""
+    refused = "; ".join(f"`{k}` ({REFUSED_CLASSES[k].split(';')[0].split(' (')[0]})" for k in _README_REFUSED)
+    return (
+        "Hugging Face rows: `HookedViT.from_hf(model_or_name)` or `from_pretrained(\"hf:NAME\")`; each class's parity "
+        "test builds a small random model from its transformers config and compares the output and every block's "
+        "residual stream with transformers' own forward, with eager and with SDPA attention (max abs diff <= 1e-4, "
+        "float32), with and without each weight-processing option (headless classes refuse `fold_ln` and "
+        "`center_unembed`, as timm's); ViT-B/16, distilled DeiT-B, CLIP ViT-B/32 and ViT-L/14 and DINOv2-B convert at "
+        f"their real size. Refused up front, naming the feature: {refused}; and every other class."
+    )
 
 
 __all__ = ["SUPPORTED_CLASSES", "REFUSED_CLASSES", "convert", "load", "load_hf", "config_from_hf", "state_dict_from_hf",
