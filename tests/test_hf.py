@@ -344,6 +344,9 @@ def test_preprocess_equals_the_hf_processor_on_real_photos(cls_name, processor, 
     assert torch.equal(again.preprocess([str(p) for p in PHOTOS]), ref)
     paper = hooked.preprocess([str(p) for p in PHOTOS], mode="paper")  # resize without crop, same mean / std
     assert paper.shape == ref.shape
+    from vit_lens.explain import model_view
+
+    assert model_view(hooked, str(PHOTOS[0])).size == (224, 224)  # the resized, cropped photo the model sees
 
 
 def test_given_processor_is_used_exactly():
