@@ -322,11 +322,16 @@ def test_other_classes_are_refused_naming_the_feature():
 PHOTOS = sorted((IMAGES / "photos").glob("*")) + sorted((IMAGES / "imagenet").glob("*.JPEG"))[:3]
 
 
+IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+# the references: each class's defaults plus the settings of the published checkpoints' preprocessor_config.json
+# (facebook/deit-*: ImageNet mean / std; facebook/dinov2-*: shortest edge 256, crop 224, ImageNet mean / std)
 @pytest.mark.parametrize("cls_name, processor", [
     ("ViTForImageClassification", lambda: transformers.ViTImageProcessor()),
-    ("DeiTForImageClassification", lambda: transformers.DeiTImageProcessor()),
+    ("DeiTForImageClassification", lambda: transformers.DeiTImageProcessor(**IMAGENET)),
     ("CLIPVisionModelWithProjection", lambda: transformers.CLIPImageProcessor()),
-    ("Dinov2Model", lambda: transformers.BitImageProcessor()),
+    ("Dinov2Model", lambda: transformers.BitImageProcessor(size={"shortest_edge": 256}, **IMAGENET)),
 ])
 def test_preprocess_equals_the_hf_processor_on_real_photos(cls_name, processor, tmp_path):
     from PIL import Image

@@ -104,6 +104,8 @@ _ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_t
 _PROCESSOR = {"vit": "ViTImageProcessor", "deit": "DeiTImageProcessor", "clip": "CLIPImageProcessor",
               "dinov2": "BitImageProcessor"}
 
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -376,9 +378,11 @@ def class_names_of(model: nn.Module, n_classes: int) -> Optional[List[str]]:
 # preprocessing
 # ---------------------------------------------------------------------------------------------
 def default_image_processor(model: nn.Module) -> Any:
-    """The family's ``transformers`` image processor with its defaults, sized for the config's image
-    size (ViT: resize to it; DeiT: resize to 256/224 of it, centre crop to it; CLIP: shortest edge
-    and crop at it; DINOv2: HF's 256 / 224 defaults, the model interpolates its position embeddings)."""
+    """The family's ``transformers`` image processor with the settings of its published checkpoints
+    (google/vit-*, facebook/deit-*, openai/clip-*, facebook/dinov2-*), sized for the config's image size:
+    ViT: resize to it, mean / std 0.5; DeiT: resize to 256/224 of it, centre crop to it, ImageNet mean /
+    std; CLIP: shortest edge and crop at it, CLIP mean / std; DINOv2: shortest edge 256, crop 224,
+    ImageNet mean / std (the model interpolates its position embeddings to any size)."""
     import transformers
 
     cls_name = type(model).__name__
@@ -388,12 +392,14 @@ def default_image_processor(model: nn.Module) -> Any:
     proc_cls = getattr(transformers, _PROCESSOR[family])
     if family == "vit":
         return proc_cls(size={"height": h, "width": w})
-    if family == "deit":
+    if family == "deit":  # facebook/deit-* checkpoints: ImageNet mean / std (the class's own default is 0.5)
         return proc_cls(size={"height": round(h * 256 / 224), "width": round(w * 256 / 224)},
-                        crop_size={"height": h, "width": w})
+                        crop_size={"height": h, "width": w}, image_mean=list(_IMAGENET_MEAN), image_std=list(_IMAGENET_STD))
     if family == "clip":
         return proc_cls(size={"shortest_edge": min(h, w)}, crop_size={"height": h, "width": w})
-    return proc_cls()
+    # facebook/dinov2-* checkpoints: BitImageProcessor with shortest edge 256, crop 224, ImageNet mean / std
+    return proc_cls(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                    image_mean=list(_IMAGENET_MEAN), image_std=list(_IMAGENET_STD))
 
 
 def processor_config(processor: Any) -> Dict[str, Any]:
