@@ -74,7 +74,12 @@ def hf_layer_outputs(model, x):
 
     layers = _parts(model, type(model).__name__)["layers"]
     outs = []
-    handles = [l.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o)) for l in layers]
+
+    def first_input(m, args, kwargs):  # the residual stream entering layer 0 (after CLIP's pre_layrnorm)
+        outs.append(args[0] if args else next(iter(kwargs.values())))
+
+    handles = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
+    handles += [l.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o)) for l in layers]
     try:
         model(pixel_values=x)
     finally:
@@ -103,8 +108,10 @@ def test_parity_with_transformers(cls_name, attn):
     assert plain.shape == ref.shape
     assert (plain - ref).abs().max() <= TOL
     assert (logits - ref).abs().max() <= TOL
-    assert len(blocks) == hooked.cfg.n_layers
-    for l, b in enumerate(blocks):
+    assert len(blocks) == hooked.cfg.n_layers + 1
+    # entering block 0: embeddings + (for DINOv2 interpolated) position embeddings, exactly as HF's
+    assert (cache["blocks.0.hook_resid_pre"] - blocks[0]).abs().max() <= 1e-5
+    for l, b in enumerate(blocks[1:]):
         assert (cache[f"blocks.{l}.hook_resid_post"] - b).abs().max() <= TOL, l
     assert hooked.cfg.extra["source"] == "hf" and hooked.cfg.extra["hf_class"] == cls_name
 
@@ -319,7 +326,7 @@ def test_other_classes_are_refused_naming_the_feature():
 
 
 # --------------------------------------------------------------------------------------------- preprocessing
-PHOTOS = sorted((IMAGES / "photos").glob("*")) + sorted((IMAGES / "imagenet").glob("*.JPEG"))[:3]
+PHOTOS = sorted((IMAGES / "photos").glob("*")) + sorted((IMAGES / "imagenet").glob("*.JPEG"))[:1]
 
 
 IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])

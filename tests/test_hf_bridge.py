@@ -112,7 +112,7 @@ def _hf_vit_from_timm(timm_model):
 @pytest.mark.slow
 def test_real_vit_tiny_equals_transformer_bridge_and_timm():
     path = WEIGHTS / f"{REAL_VIT}.safetensors"
-    photos = sorted((IMAGES / "photos").glob("*"))
+    photos = sorted((IMAGES / "photos").glob("*"))[:2]
     if not path.exists() or not photos:
         pytest.skip(f"real ViT-Ti checkpoint or photos not found ({path}, {IMAGES})")
     import timm
@@ -123,7 +123,7 @@ def test_real_vit_tiny_equals_transformer_bridge_and_timm():
     x = hooked_timm.preprocess([str(p) for p in photos])
     with torch.no_grad():
         assert (hf(pixel_values=x).logits - timm_model(x)).abs().max() <= 1e-3  # the mapping above is right
-    diffs, cache_h = compare(hf, x, "real ViT-Ti/16 (3 photos)")
+    diffs, cache_h = compare(hf, x, "real ViT-Ti/16 (2 photos)")
     # activations reach |x| ~ 100s here: bound relative to their size
     scale = max(cache_h[f"blocks.{l}.hook_resid_post"].abs().max().item() for l in range(hf.config.num_hidden_layers))
     assert diffs["resid"] <= 1e-5 * scale and diffs["pattern"] <= 1e-4 and diffs["logits"] <= 1e-3, (diffs, scale)
