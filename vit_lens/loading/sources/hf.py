@@ -44,7 +44,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -136,7 +136,7 @@ def _pair(x: Any) -> Tuple[int, int]:
     return int(x), int(x)
 
 
-def _parts(model: nn.Module, cls_name: str) -> Dict[str, Any]:
+def _parts(model: Any, cls_name: str) -> Dict[str, Any]:
     """The modules of a supported model: embeddings, layers, final norm, heads, ``ln_pre``."""
     def get(obj: Any, path: str) -> Any:
         for part in path.split("."):
@@ -171,7 +171,7 @@ def _parts(model: nn.Module, cls_name: str) -> Dict[str, Any]:
     return p
 
 
-def _layer_modules(layer: nn.Module, family: str) -> Dict[str, Any]:
+def _layer_modules(layer: Any, family: str) -> Dict[str, Any]:
     if family == "clip":
         a = layer.self_attn
         return dict(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.out_proj, ln1=layer.layer_norm1, ln2=layer.layer_norm2,
@@ -190,12 +190,12 @@ def _layer_modules(layer: nn.Module, family: str) -> Dict[str, Any]:
                 d_head=a.head_dim)
 
 
-def _vision_config(model: nn.Module, cls_name: str) -> Any:
+def _vision_config(model: Any, cls_name: str) -> Any:
     cfg = model.config
     return cfg.vision_config if cls_name == "CLIPModel" else cfg
 
 
-def class_name_of(model: nn.Module) -> str:
+def class_name_of(model: Any) -> str:
     """The HF class name of ``model``, refused unless supported (:func:`check_supported_class`)."""
     try:
         from transformers import PreTrainedModel
@@ -211,7 +211,7 @@ def class_name_of(model: nn.Module) -> str:
     return name
 
 
-def config_from_hf(model: nn.Module, name: Optional[str] = None) -> HookedViTConfig:
+def config_from_hf(model: Any, name: Optional[str] = None) -> HookedViTConfig:
     """Derive the architecture of a supported ``transformers`` model, refusing unsupported features by name."""
     cls_name = class_name_of(model)
     family = SUPPORTED_CLASSES[cls_name][0]
@@ -301,7 +301,7 @@ def config_from_hf(model: nn.Module, name: Optional[str] = None) -> HookedViTCon
 # ---------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------
-def state_dict_from_hf(model: nn.Module, cfg: HookedViTConfig) -> Dict[str, torch.Tensor]:
+def state_dict_from_hf(model: Any, cfg: HookedViTConfig) -> Dict[str, torch.Tensor]:
     """HF state -> HookedViT state dict (LayerScale folded into the output weights)."""
     cls_name = cfg.extra["hf_class"]
     family = SUPPORTED_CLASSES[cls_name][0]
@@ -360,7 +360,7 @@ def state_dict_from_hf(model: nn.Module, cfg: HookedViTConfig) -> Dict[str, torc
     return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in sd.items()}
 
 
-def class_names_of(model: nn.Module, n_classes: int) -> Optional[List[str]]:
+def class_names_of(model: Any, n_classes: int) -> Optional[List[str]]:
     """``config.id2label`` as class names, or None (no head, or HF's placeholder ``LABEL_i`` names)."""
     if not n_classes:
         return None
@@ -377,7 +377,7 @@ def class_names_of(model: nn.Module, n_classes: int) -> Optional[List[str]]:
 # ---------------------------------------------------------------------------------------------
 # preprocessing
 # ---------------------------------------------------------------------------------------------
-def default_image_processor(model: nn.Module) -> Any:
+def default_image_processor(model: Any) -> Any:
     """The family's ``transformers`` image processor with the settings of its published checkpoints
     (google/vit-*, facebook/deit-*, openai/clip-*, facebook/dinov2-*), sized for the config's image size:
     ViT: resize to it, mean / std 0.5; DeiT: resize to 256/224 of it, centre crop to it, ImageNet mean /
@@ -476,7 +476,7 @@ def image_processor_from_config(pc: Dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------------------------
 # the source interface
 # ---------------------------------------------------------------------------------------------
-def convert(model: nn.Module, *, name: Optional[str] = None, image_processor: Any = None) -> Converted:
+def convert(model: Any, *, name: Optional[str] = None, image_processor: Any = None) -> Converted:
     """An in-memory ``transformers`` model -> :class:`Converted` (config, HookedViT state dict, class
     names from ``id2label``, preprocessing from ``image_processor`` or the family's defaults at the
     config's image size). The HF model is not modified."""
@@ -600,7 +600,7 @@ def load_hf(cls: Any, model_or_name: Any, *, image_processor: Any = None,
     """See :meth:`vit_lens.HookedViT.from_hf`."""
     from vit_lens.loading.processing import validate_processing_options
 
-    validate_processing_options(processing)
+    validate_processing_options(cast(Dict[str, object], processing))
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InputTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if isinstance(model_or_name, (str, os.PathLike)):
