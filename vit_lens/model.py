@@ -670,7 +670,10 @@ class HookedViT(HookedRootModule):
         Args:
             name: a timm model name, with or without a pretrained tag
                 (``"vit_tiny_patch16_224"`` means timm's default tag,
-                ``"vit_tiny_patch16_224.augreg_in21k_ft_in1k"``).
+                ``"vit_tiny_patch16_224.augreg_in21k_ft_in1k"``); ``"timm:NAME"`` is the same. A source
+                prefix loads from another library with the same options: ``"hf:google/vit-base-patch16-224"``
+                (:meth:`from_hf`; ``checkpoint_path`` = a local ``save_pretrained`` directory) and
+                ``"open_clip:ViT-B-32/openai"`` (``from_open_clip("ViT-B-32", pretrained="openai")``).
             checkpoint_path: a local weights file (``.safetensors``, ``.pth``, ``.bin``) in timm's
                 state-dict layout, e.g. your own fine-tune. Without it,
                 ``$VIT_LENS_CHECKPOINTS/<name.tag>.safetensors`` is used when it exists, else timm
@@ -701,9 +704,64 @@ class HookedViT(HookedRootModule):
         """
         from vit_lens.loading import load_pretrained
 
+        if isinstance(name, str) and name.startswith(("hf:", "open_clip:")):
+            source, _, rest = name.partition(":")
+            if timm_kwargs is not None:
+                raise InputTypeError(f"timm_kwargs is for timm models; {name!r} is a {source} model: leave it out")
+            if source == "hf":
+                return cls.from_hf(rest, checkpoint_path=checkpoint_path, device=device, dtype=dtype, **processing)
+            if not hasattr(cls, "from_open_clip"):
+                from vit_lens.core.errors import NotDefinedError
+
+                raise NotDefinedError(f"{name!r}: this vit_lens has no OpenCLIP source (HookedViT.from_open_clip)")
+            arch, _, tag = rest.partition("/") if not rest.startswith("hf-hub:") else (rest, "", "")
+            options = dict(device=device, dtype=dtype, **processing)
+            if checkpoint_path is not None:
+                options["checkpoint_path"] = checkpoint_path
+            return cls.from_open_clip(arch, pretrained=tag or None, **options)  # type: ignore[attr-defined]  # written by the OpenCLIP source
+        if isinstance(name, str) and name.startswith("timm:"):
+            name = name[len("timm:"):]
         return load_pretrained(
             cls, name, checkpoint_path=checkpoint_path, device=device, dtype=dtype, timm_kwargs=timm_kwargs, **processing
         )
+
+    @classmethod
+    def from_hf(
+        cls,
+        model_or_name: Any,
+        *,
+        image_processor: Any = None,
+        checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        **processing: bool,
+    ) -> "HookedViT":
+        """Convert a Hugging Face ``transformers`` image model (in memory, a hub id or a local directory).
+
+        Args:
+            model_or_name: a ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
+                ``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``,
+                ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPModel`` (its image tower) or
+                ``Dinov2Model`` -- yours, with any number of labels (``id2label`` -> ``class_names``) -- or
+                a hub id (``"google/vit-base-patch16-224"``) or a directory written by ``save_pretrained``
+                (the class is ``config.architectures[0]``; weights are loaded strictly).
+            image_processor: the ``transformers`` image processor whose output :meth:`preprocess`
+                reproduces; default: the directory's / hub's one when loading by name, else the
+                family's defaults at the config's image size (recorded in ``model.data_config``).
+            checkpoint_path: a local ``save_pretrained`` directory to read instead of the hub.
+            device, dtype: default those of the model (in memory), else CPU / float32.
+            **processing: weight-processing options (``fold_ln`` ...), as :meth:`from_pretrained`.
+
+        ``ViTModel`` / ``DeiTModel`` carry a tanh ``pooler`` that is not the class-space path: the
+        hooked model's output is the final-norm [CLS] token, as for timm's headless models. Anything
+        else (SigLIP's attention-pool head, ``Dinov2ForImageClassification``'s concat pooling, ...)
+        is refused with :class:`~vit_lens.UnsupportedModelError` naming the feature.
+        ``from_pretrained("hf:NAME")`` is the same as ``from_hf("NAME")``.
+        """
+        from vit_lens.loading.sources.hf import load_hf
+
+        return load_hf(cls, model_or_name, image_processor=image_processor, checkpoint_path=checkpoint_path,
+                       device=device, dtype=dtype, **processing)
 
     def save(self, path: Union[str, os.PathLike]) -> "os.PathLike":
         """Save weights, config (weight processing and class directions included), class names

@@ -1,4 +1,5 @@
-"""Images (PIL, paths, uint8 arrays/tensors) -> normalised batches, with the model's timm config."""
+"""Images (PIL, paths, uint8 arrays/tensors) -> normalised batches, with the model's timm config
+(or, for models converted from Hugging Face, the model's ``transformers`` image processor)."""
 
 from __future__ import annotations
 
@@ -98,22 +99,71 @@ def image_list(images: Any) -> List[Any]:
     return [images]
 
 
+class HFProcessorTransform:
+    """A Hugging Face ``transformers`` image processor as a transform: PIL image -> [C, H, W] float32,
+    exactly the processor's ``pixel_values``.
+
+    ``transforms`` lists two steps, as a timm ``Compose`` does: the resize/crop alone (PIL -> PIL,
+    for showing the image the model sees) and the rest (``HFToTensorNormalize``).
+    """
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.transforms = [_HFResizeCrop(processor), HFToTensorNormalize(processor)]
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        out = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return torch.as_tensor(out, dtype=torch.float32)
+
+
+class _HFResizeCrop:
+    def __init__(self, processor: Any):
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        out = self.processor(images=[image], do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
+        arr = torch.as_tensor(out).float().round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(arr)
+
+
+class HFToTensorNormalize:
+    """The processor's rescale and normalisation (after :class:`_HFResizeCrop`'s resize and crop)."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        out = self.processor(images=[image], do_resize=False, do_center_crop=False, return_tensors="pt")["pixel_values"][0]
+        return torch.as_tensor(out, dtype=torch.float32)
+
+
 def build_transform(data_config: dict, mode: Literal["timm", "paper"] = "timm"):
     """The eval transform for a timm data config.
 
-    ``"timm"``: timm's own eval transform (resize, center crop by ``crop_pct``, normalise).
+    ``"timm"``: the model's own eval transform: timm's (resize, center crop by ``crop_pct``, normalise),
+    or, for a model converted from Hugging Face (``data_config["hf_image_processor"]``), that
+    ``transformers`` image processor itself (:class:`HFProcessorTransform`).
     ``"paper"``: resize straight to the input size (no crop), as the seed paper does, then normalise.
     """
     from timm.data import create_transform
 
     if mode == "timm":
-        return create_transform(**data_config, is_training=False)
+        if data_config.get("hf_image_processor"):
+            from vit_lens.loading.sources.hf import image_processor_from_config
+
+            return HFProcessorTransform(image_processor_from_config(data_config["hf_image_processor"]))
+        return create_transform(**_timm_keys(data_config), is_training=False)
     if mode == "paper":
-        cfg = dict(data_config)
+        cfg = _timm_keys(data_config)
         cfg["crop_pct"] = 1.0
         cfg["crop_mode"] = "squash"  # resize to exactly input_size, no crop
         return create_transform(**cfg, is_training=False)
     raise InputError(f"mode must be 'timm' or 'paper', got {mode!r}")
+
+
+def _timm_keys(data_config: dict) -> dict:
+    """The data config without the keys timm's ``create_transform`` does not take (``hf_image_processor``)."""
+    return {k: v for k, v in data_config.items() if k != "hf_image_processor"}
 
 
 def preprocess_images(images: Any, data_config: dict, mode: Literal["timm", "paper"] = "timm") -> Tensor:

@@ -68,6 +68,8 @@ class PosEmbed(nn.Module):
             W = resample_abs_pos_embed(
                 W, new_size=list(grid_size), old_size=list(cfg.grid_size),
                 num_prefix_tokens=n_pre if cfg.pos_embed_prefix else 0,
+                # Hugging Face's DINOv2 interpolates without antialiasing (cfg.extra from the hf source)
+                antialias=bool(cfg.extra.get("pos_embed_antialias", True)),
             )
         if not cfg.pos_embed_prefix and n_pre:
             W = torch.cat([W.new_zeros(1, n_pre, cfg.d_model), W], dim=1)

@@ -306,18 +306,46 @@ def supported_models(family: Optional[str] = None, *, pattern: Optional[str] = N
     return sorted(names)
 
 
+#: one table row: (source, family, names, what is reproduced, class-space projection), markdown cells
+TableRow = Tuple[str, str, str, str, str]
+
+#: the source modules whose ``table_rows()`` follow timm's rows in the README table (skipped when not importable)
+TABLE_SOURCES: Tuple[str, ...] = ("vit_lens.loading.sources.hf", "vit_lens.loading.sources.open_clip")
+
+
+def timm_table_rows() -> List[TableRow]:
+    """The timm families (:data:`FAMILIES`) as table rows."""
+    return [("timm", f.title, ", ".join(f"`{n}`" for n in f.names), f.features, f.class_space) for f in FAMILIES]
+
+
+def table_rows() -> List[TableRow]:
+    """Every source's rows: timm's, then each module of :data:`TABLE_SOURCES` that is importable and
+    defines ``table_rows() -> list[(source, family, names, what is reproduced, class-space projection)]``."""
+    import importlib
+
+    rows = timm_table_rows()
+    for module in TABLE_SOURCES:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        fn = getattr(mod, "table_rows", None)
+        if callable(fn):
+            rows.extend(tuple(r) for r in fn())  # type: ignore[misc]
+    return rows
+
+
 def markdown_table() -> str:
     """The README's supported-models section body (generated; do not edit the README by hand)."""
     lines = [
-        "| Family | timm names | What is reproduced | Class-space projection (final norm, then classifier) |",
-        "|---|---|---|---|",
+        "| Source | Family | Names | What is reproduced | Class-space projection (final norm, then classifier) |",
+        "|---|---|---|---|---|",
     ]
-    for f in FAMILIES:
-        names = ", ".join(f"`{n}`" for n in f.names)
-        lines.append(f"| {f.title} | {names} | {f.features} | {f.class_space} |")
+    for source, family, names, features, class_space in table_rows():
+        lines.append(f"| {source} | {family} | {names} | {features} | {class_space} |")
     lines += [
         "",
-        "Each family's parity test converts a small random instance and compares logits and every block "
+        "Each timm family's parity test converts a small random instance and compares logits and every block "
         "output with timm (max abs diff <= 1e-4, float32), with and without each weight-processing "
         "option; every name above is checked to convert at its real size. Weight processing refused: "
         + "; ".join(f"{f.key}: {', '.join(f'`{o}`' for o in f.not_foldable)}" for f in FAMILIES if f.not_foldable)
@@ -331,6 +359,15 @@ def markdown_table() -> str:
         lines.append(f"- {feature}: {', '.join(f'`{p}`' for p in patterns)}")
     lines.append("- and `qk_norm=True`, RMSNorm, `global_pool='max'`, models without a learned position embedding")
     lines += ["", "List them in Python with `vit_lens.supported_models()` (or `supported_models(\"clip\")`)."]
+    for module in TABLE_SOURCES:  # each other source's notes (parity, refusals), when it has them
+        try:
+            import importlib
+
+            notes = getattr(importlib.import_module(module), "table_notes", None)
+        except ImportError:
+            continue
+        if callable(notes):
+            lines += ["", notes()]
     return "\n".join(lines)
 
 
