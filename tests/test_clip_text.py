@@ -9,6 +9,7 @@ small random weights (no hub offline).
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -196,7 +197,9 @@ def test_hf_image_tower_ranking_when_from_hf_exists(hf_clip, tokenizer):
         pytest.skip("HookedViT.from_hf (issue 13a) is not in this checkout")
     from transformers import CLIPVisionModelWithProjection
 
-    vm = CLIPVisionModelWithProjection(hf_clip.config.vision_config).eval()
+    vision_config = copy.deepcopy(hf_clip.config.vision_config)
+    vision_config.projection_dim = hf_clip.config.projection_dim  # the projection's size lives on CLIPConfig
+    vm = CLIPVisionModelWithProjection(vision_config).eval()
     vm.vision_model.load_state_dict(hf_clip.vision_model.state_dict())
     vm.visual_projection.load_state_dict(hf_clip.visual_projection.state_dict())
     model = HookedViT.from_hf(vm)
@@ -205,6 +208,10 @@ def test_hf_image_tower_ranking_when_from_hf_exists(hf_clip, tokenizer):
     with torch.no_grad():
         ref = hf_clip(input_ids=tokenizer([f"a photo of a {n}." for n in NAMES]), pixel_values=pixels).logits_per_image
         assert torch.equal(model(pixels).argsort(-1), ref.argsort(-1))
+        # a CLIPModel given whole: its image tower with the projection as the head, the same ranking
+        whole = HookedViT.from_hf(hf_clip)
+        set_text_classes(whole, hf_clip, tokenizer, NAMES, ["a photo of a {}."], progress=False)
+        assert torch.equal(whole(pixels).argsort(-1), ref.argsort(-1))
 
 
 # ------------------------------------------------------------------ refusals

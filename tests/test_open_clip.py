@@ -394,3 +394,25 @@ def test_processing_refusal_is_clean():
     assert hooked.cfg.n_classes == 0
     with pytest.raises(ProcessingError):
         HookedViT.from_open_clip(m, center_unembed=True)
+
+
+def test_from_pretrained_prefix(tiny_name, tmp_path):
+    """`HookedViT.from_pretrained("open_clip:...")` reaches the same model as from_open_clip: a local folder
+    (its "/" are no tag) and a weights file through checkpoint_path; a tag and a file together are refused."""
+    m = perturb(open_clip.CLIP(**TINY)).eval()
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY, "preprocess_cfg": {}}))
+    torch.save(m.state_dict(), folder / "open_clip_pytorch_model.bin")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m.encode_image(x)
+        from_dir = HookedViT.from_pretrained(f"open_clip:local-dir:{folder}")
+        assert (from_dir(x) - ref).abs().max().item() <= TOL
+        path = tmp_path / "weights.pt"
+        m2 = perturb(open_clip.create_model(tiny_name, pretrained=None)).eval()
+        torch.save(m2.state_dict(), path)
+        from_file = HookedViT.from_pretrained(f"open_clip:{tiny_name}", checkpoint_path=path, fold_ln=True)
+        assert (from_file(x) - m2.encode_image(x)).abs().max().item() <= TOL
+    with pytest.raises(InputError, match="give one of them"):
+        HookedViT.from_pretrained(f"open_clip:{tiny_name}/openai", checkpoint_path=path)

@@ -714,11 +714,17 @@ class HookedViT(HookedRootModule):
                 from vit_lens.core.errors import NotDefinedError
 
                 raise NotDefinedError(f"{name!r}: this vit_lens has no OpenCLIP source (HookedViT.from_open_clip)")
-            arch, _, tag = rest.partition("/") if not rest.startswith("hf-hub:") else (rest, "", "")
-            options = dict(device=device, dtype=dtype, **processing)
-            if checkpoint_path is not None:
-                options["checkpoint_path"] = checkpoint_path
-            return cls.from_open_clip(arch, pretrained=tag or None, **options)  # type: ignore[attr-defined]  # written by the OpenCLIP source
+            if rest.startswith(("hf-hub:", "local-dir:")):  # a folder or hub id: its "/" are no tag
+                arch, tag = rest, ""
+            else:
+                arch, _, tag = rest.partition("/")
+            if checkpoint_path is not None:  # a weights file is OpenCLIP's `pretrained=`
+                if tag:
+                    raise InputError(f"{name!r} names the weights (tag {tag!r}) and checkpoint_path gives a file: "
+                                     "give one of them")
+                tag = os.fspath(checkpoint_path)
+            return cls.from_open_clip(arch, pretrained=tag or None, device=device, dtype=dtype,  # type: ignore[attr-defined]
+                                      **processing)
         if isinstance(name, str) and name.startswith("timm:"):
             name = name[len("timm:"):]
         return load_pretrained(

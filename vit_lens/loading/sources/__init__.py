@@ -31,7 +31,9 @@ import torch
 from vit_lens.config import HookedViTConfig
 
 #: source name -> module implementing ``convert`` / ``load``
-SOURCES: Dict[str, str] = {"timm": "vit_lens.loading.sources.timm", "hf": "vit_lens.loading.sources.hf"}
+SOURCES: Dict[str, str] = {"timm": "vit_lens.loading.sources.timm", "hf": "vit_lens.loading.sources.hf",
+    "open_clip": "vit_lens.loading.sources.open_clip",
+}
 
 
 @dataclass
