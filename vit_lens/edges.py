@@ -703,15 +703,21 @@ def _faithfulness_runs(model: Any, graph: EdgeGraph, clean: Tensor, corrupted: T
             R = len(part)
             A = ablated[part]  # [R, n_s, n_r]
 
-            def delta_fn(key: Tuple[int, str], senders: List[Tensor], A: Tensor = A, R: int = R) -> Optional[Tensor]:
+            # sender minus its corrupted output, filled in as the senders fire: [n_s, R, B, P, D]
+            buf = s_corr.new_empty(s_corr.shape[0], R, *s_corr.shape[1:])
+            filled = [0]
+
+            def delta_fn(key: Tuple[int, str], senders: List[Tensor], A: Tensor = A, R: int = R,
+                         buf: Tensor = buf, filled: List[int] = filled) -> Optional[Tensor]:
                 rs = groups[key]
                 n = len(senders)
-                cur = torch.stack(senders).reshape(n, R, B, *s_corr.shape[2:])  # [n, R, B, P, D]
-                d = cur - s_corr[:n, None]
+                for i in range(filled[0], n):
+                    torch.sub(senders[i].view(R, *s_corr.shape[1:]), s_corr[i], out=buf[i])
+                filled[0] = n
                 a = A[:, :n][:, :, rs]  # [R, n, k]
                 if not bool(a.any()):
                     return None
-                delta = -torch.einsum("Rsk,sRbpd->kRbpd", a, d).reshape(len(rs), R * B, *s_corr.shape[2:])
+                delta = -torch.einsum("Rsk,sRbpd->kRbpd", a, buf[:n]).reshape(len(rs), R * B, *s_corr.shape[2:])
                 return delta if key[1] in PORTS else delta[0]
 
             senders: List[Tensor] = []
