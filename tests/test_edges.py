@@ -325,4 +325,4 @@ def test_real_vit_attribution_ranks_edges_like_exact_patching(real_vit, labelled
     exact = patch_edges(real_vit, clean, corrupted, metric, sample, progress=False)
     est = att.scores()[[att.edges.index(e) for e in sample]]
     rho = _spearman(est, exact.scores())
-    assert rho > 0.45, rho  # measured 0.xx on this sample
+    assert rho > 0.8, rho  # measured 0.918 on this sample (48 random edges, 2 pairs)

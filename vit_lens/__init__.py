@@ -79,6 +79,13 @@ _LAZY = {
     "context_comparison": "vit_lens.ablation",
     "grid_mask_from_box": "vit_lens.ablation",
     "grid_mask_from_segmentation": "vit_lens.ablation",
+    # issue 14b: edge attribution, exact edge patching, circuit faithfulness
+    "edge_graph": "vit_lens.edges",
+    "edge_attribution": "vit_lens.edges",
+    "patch_edges": "vit_lens.edges",
+    "circuit_faithfulness": "vit_lens.edges",
+    "faithfulness_curve": "vit_lens.edges",
+    "EdgeResult": "vit_lens.edges",
 }
 
 if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports these on first use
@@ -168,6 +175,14 @@ if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports t
         context_comparison as context_comparison,
         grid_mask_from_box as grid_mask_from_box,
         grid_mask_from_segmentation as grid_mask_from_segmentation,
+    )
+    from vit_lens.edges import (
+        edge_graph as edge_graph,
+        edge_attribution as edge_attribution,
+        patch_edges as patch_edges,
+        circuit_faithfulness as circuit_faithfulness,
+        faithfulness_curve as faithfulness_curve,
+        EdgeResult as EdgeResult,
     )
 
 __all__ = sorted(_LAZY) + ["__version__"]
