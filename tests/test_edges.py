@@ -326,3 +326,22 @@ def test_real_vit_attribution_ranks_edges_like_exact_patching(real_vit, labelled
     est = att.scores()[[att.edges.index(e) for e in sample]]
     rho = _spearman(est, exact.scores())
     assert rho > 0.8, rho  # measured 0.918 on this sample (48 random edges, 2 pairs)
+
+
+@pytest.mark.parametrize("kind", ["dist", "avg"])
+def test_other_token_layouts(kind):
+    """Distilled (two prefix tokens, two heads read) and average-pooled models: the same definition."""
+    name, kw = {"dist": ("deit_tiny_distilled_patch16_224", {}),
+                "avg": ("vit_tiny_patch16_224", dict(global_pool="avg", class_token=False))}[kind]
+    model = HookedViT.from_timm(make_timm(name, seed=2, **{**TINY, **kw}))
+    clean, corrupted = _images(2, 5), _images(2, 6)
+    metric = logit_metric(1)
+    edges = ["input->a0.h1<k>", "a0.h0->m1", "m1->a2.h2<q>", "a2.h1->logits"]
+    res = patch_edges(model, clean, corrupted, metric, edges, progress=False)
+    with torch.no_grad():
+        runs = (_senders(model, clean), _senders(model, corrupted))
+        ref = torch.stack([_reference_patch(model, corrupted, runs, metric, Edge(*e.split("->"))) for e in edges])
+    assert torch.allclose(res.values, ref, atol=1e-4)
+    df = circuit_faithfulness(model, clean, corrupted, metric, [list(edge_graph(model).edges), []], progress=False)
+    v = torch.tensor(df["value"].tolist()).reshape(2, 2)
+    assert torch.allclose(v[0], res.clean, atol=1e-4) and torch.allclose(v[1], res.corrupted, atol=1e-4)
