@@ -253,6 +253,19 @@ def test_attribution_batching_metrics_and_no_gradients_left(vit, pair):
     assert len(top) == 5 and a.scores()[[a.edges.index(e) for e in top]].abs().min() >= a.scores().abs().sort().values[-5]
 
 
+def test_integrated_gradients_are_complete(vit, pair):
+    """EAP-IG integrates the gradient along the input from corrupted to clean: the scores of the edges out
+    of the input (every reader of the input) sum to the whole clean-corrupted gap (Riemann error only)."""
+    clean, corrupted = pair
+    ig = edge_attribution(vit, clean, corrupted, logit_metric(3), ig_steps=16, progress=False)
+    out_of_input = [i for i, e in enumerate(ig.edges) if e.sender == "input"]
+    gap = ig.clean - ig.corrupted
+    assert gap.abs().min() > 0.05
+    assert torch.allclose(ig.effects[out_of_input].sum(0), gap, atol=0.01 * float(gap.abs().max()))
+    plain = edge_attribution(vit, clean, corrupted, logit_metric(3), progress=False)  # the plain gradient is not
+    assert not torch.allclose(plain.effects[out_of_input].sum(0), gap, atol=0.05 * float(gap.abs().max()))
+
+
 def test_non_differentiable_metrics_are_refused_by_attribution_but_patched_exactly(vit, pair):
     clean, corrupted = pair
     top1 = identifiability_metric(vit, [3, 3], kind="rate", positions="all")
