@@ -1,12 +1,12 @@
 """Edge attribution vs exact edge patching on the real ViT-Ti / DeiT-Ti and the labelled photos.
 
-    python benchmarks/bench_edges.py [--model vit|deit] [--pairs 4] [--sample 0] [--ig 5] [--threads 2] [--device cpu]
+    python benchmarks/bench_edges.py [--model vit|deit] [--pairs 4] [--sample 0] [--ig 5] [--threads 2] [--device cpu] [--save results.pt]
 
 Clean/corrupted pairs: labelled photo ``i`` (clean) and photo ``i + 1`` (corrupted), metric the logit
 difference between the clean photo's class and the corrupted photo's class (one pair per image).
 Prints, for plain attribution and for EAP-IG (``--ig`` steps, 0 to skip):
 
-* Spearman rank correlation and top-50 overlap of the edge scores (effect averaged over the pairs)
+* Spearman rank correlation and top-20 overlap (shown only where there are at least 40 edges) of the edge scores (effect averaged over the pairs)
   against exact edge patching, over all edges (or ``--sample`` random edges) and per receiver kind
   (q / k / v inputs of heads, MLP inputs, the readout);
 * the faithfulness curve: the share of the clean-corrupted gap recovered (exactly, by
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--ig", type=int, default=5, help="EAP-IG steps (0: skip)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--ks", default="10,25,50,100,200,400,800")
+    p.add_argument("--ks", default="50,100,200,400,800,1600,2845")
+    p.add_argument("--save", default="", help="torch.save the attribution, EAP-IG and exact results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -107,21 +108,26 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(0)
         edges = [edges[i] for i in torch.randperm(len(edges), generator=g)[: args.sample].tolist()]
     exact = timed(f"exact edge patching, {len(edges)} edges", lambda: patch_edges(model, clean, corrupted, metric, edges, progress=False))
+    if args.save:
+        torch.save({"attribution": att, "ig": ig, "exact": exact}, args.save)
     pos = {e: i for i, e in enumerate(graph.edges)}
     sel = torch.tensor([pos[e] for e in edges])
     ex = exact.scores()
     print(f"  clean metric {exact.clean.tolist()}, corrupted {exact.corrupted.tolist()}")
-    print("\n| estimate | receivers | edges | Spearman | top-50 overlap |\n|---|---|---|---|---|")
+    def overlap(a, b):
+        return f"{top_overlap(a, b, 20):.2f}" if a.numel() >= 40 else "–"
+
+    print("\n| estimate | receivers | edges | Spearman | top-20 overlap |\n|---|---|---|---|---|")
     for name, res in [("attribution", att), (f"EAP-IG ({args.ig} steps)", ig)]:
         if res is None:
             continue
         est = res.scores()[sel]
         kinds = [kind(e.receiver) for e in edges]
-        print(f"| {name} | all | {len(edges)} | {spearman(est, ex):.3f} | {top_overlap(est, ex, 50):.2f} |")
+        print(f"| {name} | all | {len(edges)} | {spearman(est, ex):.3f} | {overlap(est, ex)} |")
         for k in ("head q", "head k", "head v", "mlp", "readout"):
             m = torch.tensor([x == k for x in kinds])
             if m.sum() > 2:
-                print(f"| {name} | {k} | {int(m.sum())} | {spearman(est[m], ex[m]):.3f} | {top_overlap(est[m], ex[m], 50):.2f} |")
+                print(f"| {name} | {k} | {int(m.sum())} | {spearman(est[m], ex[m]):.3f} | {overlap(est[m], ex[m])} |")
     ks = [int(k) for k in args.ks.split(",")]
     curves = [("attribution", att)] + ([("EAP-IG", ig)] if ig is not None else [])
     if not args.sample:

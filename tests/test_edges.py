@@ -358,3 +358,20 @@ def test_other_token_layouts(kind):
     df = circuit_faithfulness(model, clean, corrupted, metric, [list(edge_graph(model).edges), []], progress=False)
     v = torch.tensor(df["value"].tolist()).reshape(2, 2)
     assert torch.allclose(v[0], res.clean, atol=1e-4) and torch.allclose(v[1], res.corrupted, atol=1e-4)
+
+
+def test_plots(vit, pair):
+    from vit_lens import plot as P
+
+    clean, corrupted = pair
+    metric = logit_metric(0)
+    att = edge_attribution(vit, clean, corrupted, metric, progress=False)
+    exact = patch_edges(vit, clean, corrupted, metric, EDGES, progress=False)
+    fig = P.edge_scatter(att, exact)
+    xs = [x for t in fig.data[:-1] for x in t.x]
+    assert sorted(xs) == pytest.approx(sorted(exact.scores().tolist()))
+    df = faithfulness_curve(vit, clean, corrupted, metric, att, [0, len(att.edges)], progress=False)
+    fig = P.faithfulness_figure({"attribution": df})
+    assert list(fig.data[0].y) == pytest.approx([0.0, 1.0], abs=1e-4)
+    with pytest.raises(InputError):
+        P.faithfulness_figure({"x": df.drop(columns=["recovered"])})
