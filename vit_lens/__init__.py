@@ -82,6 +82,13 @@ _LAZY = {
     # issue 13: class spaces from text for CLIP image towers
     "set_text_classes": "vit_lens.clip",
     "text_class_embeddings": "vit_lens.clip",
+    # issue 14b: edge attribution, exact edge patching, circuit faithfulness
+    "edge_graph": "vit_lens.edges",
+    "edge_attribution": "vit_lens.edges",
+    "patch_edges": "vit_lens.edges",
+    "circuit_faithfulness": "vit_lens.edges",
+    "faithfulness_curve": "vit_lens.edges",
+    "EdgeResult": "vit_lens.edges",
 }
 
 if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports these on first use
@@ -175,6 +182,14 @@ if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports t
     from vit_lens.clip import (
         set_text_classes as set_text_classes,
         text_class_embeddings as text_class_embeddings,
+    )
+    from vit_lens.edges import (
+        edge_graph as edge_graph,
+        edge_attribution as edge_attribution,
+        patch_edges as patch_edges,
+        circuit_faithfulness as circuit_faithfulness,
+        faithfulness_curve as faithfulness_curve,
+        EdgeResult as EdgeResult,
     )
 
 __all__ = sorted(_LAZY) + ["__version__"]

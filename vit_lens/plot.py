@@ -1131,3 +1131,71 @@ def context_figure(
     at.columns = [f"{c} the rest" for c in at.columns]
     return bars(at, yaxis_title=value,
                 title=title if title is not None else f"Context ablation after block {layer}: {value}{suffix}")
+
+
+# =============================================================================================
+# edges (issue 14 part B): attribution vs exact per edge, faithfulness curves
+# =============================================================================================
+def _receiver_kind(receiver: str) -> str:
+    if receiver == "logits":
+        return "readout"
+    if receiver.startswith("m"):
+        return "MLP input"
+    return f"head {receiver[-2]} input"
+
+
+def edge_scatter(estimate: Any, exact: Any, *, title: Optional[str] = None) -> "go.Figure":
+    """Estimated vs exact effect of patching each edge, one point per edge common to both
+    (effects averaged over the batch), coloured by receiver kind, with the diagonal ``y = x``.
+
+    Args:
+        estimate: an :class:`vit_lens.edges.EdgeResult` (e.g. from ``edge_attribution``).
+        exact: an :class:`vit_lens.edges.EdgeResult` from ``patch_edges`` (any subset of the edges).
+        title: figure title.
+    """
+    for r, what in ((estimate, "estimate"), (exact, "exact")):
+        _require(r, ("edges", "scores"), f"{what} (an EdgeResult)")
+    est = {str(e): float(v) for e, v in zip(estimate.edges, estimate.scores().tolist())}
+    pts = [(str(e), e.receiver, est[str(e)], float(v)) for e, v in zip(exact.edges, exact.scores().tolist()) if str(e) in est]
+    if not pts:
+        raise InputError("estimate and exact have no edge in common; patch some of the estimate's edges with patch_edges")
+    go = _go()
+    fig = go.Figure()
+    kinds = sorted({_receiver_kind(p[1]) for p in pts})
+    for kind in kinds:
+        sel = [p for p in pts if _receiver_kind(p[1]) == kind]
+        fig.add_trace(go.Scatter(x=[p[3] for p in sel], y=[p[2] for p in sel], mode="markers", name=kind,
+                                 text=[p[0] for p in sel], hovertemplate="%{text}<br>exact %{x:.4g}<br>estimate %{y:.4g}"))
+    lo = min(min(p[2], p[3]) for p in pts)
+    hi = max(max(p[2], p[3]) for p in pts)
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line=dict(dash="dot", color="gray")))
+    method = getattr(estimate, "method", "estimate")
+    fig.update_layout(title=title if title is not None else f"Edge effects: {method} vs exact ({len(pts)} edges)",
+                      xaxis_title="exact effect", yaxis_title=f"{method} effect")
+    return fig
+
+
+def faithfulness_figure(frames: Mapping[str, Any], *, title: Optional[str] = None) -> "go.Figure":
+    """Share of the clean-corrupted gap recovered against the number of edges kept, one line per
+    ranking (the mean over images, from :func:`vit_lens.edges.faithfulness_curve` tables).
+
+    Args:
+        frames: ranking name -> the table ``faithfulness_curve`` returns (columns ``k``, ``recovered``).
+        title: figure title.
+    """
+    if not isinstance(frames, Mapping) or not frames:
+        raise InputTypeError("frames must be a dict: ranking name -> the table faithfulness_curve returns")
+    go = _go()
+    fig = go.Figure()
+    for name, df in frames.items():
+        cols = set(getattr(df, "columns", []))
+        if not {"k", "recovered"} <= cols:
+            raise InputError(f"frames[{name!r}] must have columns 'k' and 'recovered' (from faithfulness_curve); it has {sorted(cols)}")
+        curve = df.groupby("k").recovered.mean().sort_index()
+        fig.add_trace(go.Scatter(x=list(curve.index), y=curve.to_numpy(), mode="lines+markers", name=str(name)))
+    fig.update_layout(title=title if title is not None else "Faithfulness: top-k edges kept, the rest corrupted",
+                      xaxis_title="edges kept", yaxis_title="share of the gap recovered", xaxis_type="log")
+    return fig
+
+
+__all__ += ["edge_scatter", "faithfulness_figure"]
