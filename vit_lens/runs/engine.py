@@ -192,7 +192,7 @@ def _config_diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def _pairs(source: DataSource, seed: int) -> Dict[int, int]:
+def corruption_pairs(source: DataSource, seed: int) -> Dict[int, int]:
     """Each image's corruption partner: a seeded image of another class in the set (by image id,
     so the same in every process and chunking)."""
     labels = source.labels
@@ -293,7 +293,8 @@ def run(
     from vit_lens.core import progress_bar
 
     rank, world, dist = _dist()
-    say = log or (lambda m: print(f"vit-lens run: {m}", file=sys.stderr)) if rank == 0 else (lambda m: None)
+    say: Callable[[str], None] = (log or (lambda m: print(f"vit-lens run: {m}", file=sys.stderr))) if rank == 0 \
+        else (lambda m: None)
     spec = get_analysis(analysis)
     given = dict(options or {})
     unknown = sorted(set(given) - set(spec.options))
@@ -327,7 +328,7 @@ def run(
             raise InputError("--segmentations masks are in the original image's pixels; the timm transform crops, so "
                              "they would not line up: use --preprocess paper (resize without crop)")
         opts["segmentations"] = str(Path(opts["segmentations"]).expanduser().resolve())
-    pairs = _pairs(source, int(opts.get("seed", 0))) if "pair" in needs else None
+    pairs = corruption_pairs(source, int(opts.get("seed", 0))) if "pair" in needs else None
 
     dtype = model.dtype
     config = _jsonable(dict(

@@ -168,16 +168,16 @@ class ImageItems(torch.utils.data.Dataset):
         self.pairs = pairs
         self.segmentation_root = segmentation_root
         self.dtype = dtype
-        self._transform = None
+        from vit_lens.preprocess import build_transform
+
+        self._transform = build_transform(self.data_config, mode)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self.source)
 
     def _image(self, i: int) -> Tensor:
-        from vit_lens.preprocess import build_transform, load_image
+        from vit_lens.preprocess import load_image
 
-        if self._transform is None:
-            self._transform = build_transform(self.data_config, self.mode)  # type: ignore[arg-type]
         src = self.source
         if src.hf is not None:
             im = src.hf[int(i)][src.hf_image_column]
