@@ -75,14 +75,15 @@ def load(out: os.PathLike, *, complete: bool = False) -> Any:
 
 
 def failures(out: os.PathLike) -> Any:
-    """The images a run could not read: DataFrame ``image, path, error`` (empty when none)."""
+    """The images a run could not read: DataFrame ``image, path, error`` (empty when none), from
+    the done shards' metadata."""
     import pandas as pd
 
+    from vit_lens.runs.engine import shard_failures
+
     rows: List[Dict[str, Any]] = []
-    out = Path(out).expanduser()
-    for f in sorted((out / "failures").glob("chunk-*.json")):
-        if (out / "shards" / f.name.replace(".json", ".parquet")).exists():
-            rows += json.loads(f.read_text())
+    for f in sorted((Path(out).expanduser() / "shards").glob("chunk-*.parquet")):
+        rows += shard_failures(f)
     return pd.DataFrame(rows, columns=["image", "path", "error"]).sort_values("image", ignore_index=True)
 
 

@@ -12,8 +12,9 @@ Output folder ``OUT``:
   :data:`~vit_lens.runs.analyses.ROW_COLUMNS`); a shard exists only complete (written to a hidden
   temporary file in the same folder, then renamed), and its existence is the record that the
   chunk is done;
-* ``OUT/failures/chunk-000000.json``: the images of that chunk that could not be read
-  (written before the shard); ``OUT/failures.csv``: all of them (``image, path, error``).
+* the images of a chunk that could not be read are listed in its shard's Parquet metadata
+  (``failures``: JSON), so shard and list are one atomic file; ``OUT/failures.csv`` lists all of
+  them (``image, path, error``) after each run.
 
 Exactly once: a chunk is either done (its shard exists, complete) or not (no shard; at most a
 hidden temporary file, removed by the next run). A rerun with the same configuration skips the
@@ -119,14 +120,41 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _remove_temp_files(out: Path) -> None:
-    for d in (out, shard_dir(out), out / "failures"):
-        if d.is_dir():
-            for f in d.glob(f".*{TMP_SUFFIX}"):
-                try:
-                    f.unlink()
-                except FileNotFoundError:
-                    pass
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its files
+    return True
+
+
+def remove_stale_temp_files(out: os.PathLike) -> List[Path]:
+    """Delete the hidden temporary files that killed runs left in ``out`` and ``out/shards``: those
+    whose writer process is gone (or of another naming). Those of a live process stay. Returns them."""
+    removed = []
+    for d in (Path(out), shard_dir(out)):
+        if not d.is_dir():
+            continue
+        for f in d.glob(f".*{TMP_SUFFIX}"):
+            m = re.fullmatch(rf"\..+\.(\d+)\.[0-9a-f]{{8}}{re.escape(TMP_SUFFIX)}", f.name)
+            if m is not None and int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1))):
+                continue  # a live writer's
+            try:
+                f.unlink()
+                removed.append(f)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def shard_failures(path: os.PathLike) -> List[Dict[str, Any]]:
+    """The unreadable images of one shard (from its Parquet metadata): ``[{image, path, error}]``."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"failures", b"[]").decode())
 
 
 def read_manifest(out: os.PathLike) -> Dict[str, Any]:
@@ -257,6 +285,7 @@ def run(
     chunk_size: int = 256,
     target: str = "label",
     model_spec: Optional[str] = None,
+    retry_failed: bool = False,
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
 ) -> RunReport:
@@ -277,6 +306,8 @@ def run(
         target: ``"label"`` (each image's label; the source must be labelled) or ``"pred"`` (the
             model's own top-1 class).
         model_spec: how the model was named (for the manifest).
+        retry_failed: also redo the done chunks that list unreadable images (their shard is
+            replaced whole, atomically, so rows stay exactly once).
         progress: a progress bar (rank 0, the whole run).
         log: where one-line messages go (default stderr, rank 0 only).
 
@@ -359,13 +390,15 @@ def run(
                     config=config, chunks=chunks, n_images=N, columns=list(ROW_COLUMNS))
     if rank == 0:
         shard_dir(out).mkdir(parents=True, exist_ok=True)
-        _remove_temp_files(out)  # left by killed runs (one run per folder at a time)
+        remove_stale_temp_files(out)  # left by killed runs (one run per folder at a time)
         if not manifest_path.exists():
             _atomic_write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
     _barrier(dist)
 
     sd = shard_dir(out)
     done_before = {c["index"] for c in chunks if (sd / _shard_name(c["index"])).exists()}
+    if retry_failed:
+        done_before = {k for k in done_before if not shard_failures(sd / _shard_name(k))}
     pending = [c for c in chunks if c["index"] not in done_before]
     mine = pending[rank::world]
     n_pending_images = sum(c["stop"] - c["start"] for c in pending)
@@ -455,6 +488,8 @@ def run(
         if all_failures:
             buf = pd.DataFrame(all_failures, columns=["image", "path", "error"]).to_csv(index=False)
             _atomic_write(out / "failures.csv", buf.encode())
+        elif (out / "failures.csv").exists():
+            (out / "failures.csv").unlink()
     ips = n_run / seconds if seconds > 0 else float("nan")
     report = RunReport(out=out, n_chunks=len(chunks), n_done=len(done), n_images_run=n_run, n_failed=len(all_failures),
                        seconds=seconds, images_per_s=ips, world_size=world)
@@ -483,16 +518,13 @@ def _write_chunk(sd: Path, chunk: Dict[str, Any], frames: List[Any], failures: L
     for c in ("group", "condition", "measure", "path"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     df = df.sort_values(["image"], kind="stable", ignore_index=True)
-    # the failures record first: once the shard exists, its failures are listed too
-    _atomic_write(sd.parent / "failures" / f"chunk-{k:06d}.json", json.dumps(failures).encode())
-    _atomic_write(sd / _shard_name(k), _parquet_bytes(df, dict(config_hash=config_hash, chunk=str(k),
-                                                               start=str(chunk["start"]), stop=str(chunk["stop"]))))
+    meta = dict(config_hash=config_hash, chunk=str(k), start=str(chunk["start"]), stop=str(chunk["stop"]),
+                failures=json.dumps(failures))
+    _atomic_write(sd / _shard_name(k), _parquet_bytes(df, meta))
 
 
 def _collect_failures(out: Path) -> List[Dict[str, Any]]:
-    sd = shard_dir(out)
     rows: List[Dict[str, Any]] = []
-    for f in sorted((out / "failures").glob("chunk-*.json")):
-        if (sd / f.name.replace(".json", ".parquet")).exists():
-            rows += json.loads(f.read_text())
+    for f in sorted(shard_dir(out).glob("chunk-*.parquet")):
+        rows += shard_failures(f)
     return sorted(rows, key=lambda r: r["image"])
