@@ -52,7 +52,9 @@ class RunBatch:
 
     Attributes:
         images: preprocessed images ``[batch, chans, H, W]`` on the model's device.
-        targets: ``[batch]`` the target class of each image (its label, or the model's top-1).
+        targets: ``[batch]`` the target class of each image (its label, or the model's top-1). An
+            analysis registered with ``own_pred=True`` gets None for ``--target pred`` and sets it
+            from its own forward pass (saving a forward).
         ids: the image ids (positions in the data source).
         pair: ``[batch, chans, H, W]`` each image's corruption partner (``patching`` with
             ``corruption="other"``), else None.
@@ -60,7 +62,7 @@ class RunBatch:
     """
 
     images: Tensor
-    targets: Tensor
+    targets: Optional[Tensor]
     ids: List[int]
     pair: Optional[Tensor] = None
     segmentation: Optional[List[Tensor]] = None
@@ -77,18 +79,19 @@ class Analysis:
     options: Dict[str, Any]
     doc: str = ""
     needs: Callable[[Dict[str, Any]], Tuple[str, ...]] = field(default=lambda opts: ())
+    own_pred: bool = False
 
 
 ANALYSES: Dict[str, Analysis] = {}
 
 
 def register(name: str, options: Optional[Dict[str, Any]] = None, *, doc: str = "",
-             needs: Optional[Callable[[Dict[str, Any]], Tuple[str, ...]]] = None) -> Callable:
+             needs: Optional[Callable[[Dict[str, Any]], Tuple[str, ...]]] = None, own_pred: bool = False) -> Callable:
     """Decorator: add ``fn(model, batch, **options)`` to the registry under ``name``."""
 
     def deco(fn: Callable) -> Callable:
         ANALYSES[name] = Analysis(name, fn, dict(options or {}), doc or (fn.__doc__ or "").strip().split("\n")[0],
-                                  needs or (lambda opts: ()))
+                                  needs or (lambda opts: ()), own_pred)
         return fn
 
     return deco
@@ -147,13 +150,15 @@ def _check_mode(mode: str) -> None:
         raise InputError(f"--mode must be 'paper' or 'dla', got {mode!r}")
 
 
-@register("identifiability", dict(mode="paper"))
+@register("identifiability", dict(mode="paper"), own_pred=True)
 def identifiability_rows(model: Any, batch: RunBatch, *, mode: str = "paper"):
     """Class identifiability of the target per image, block and token group (vit_lens.identify)."""
     from vit_lens.class_space import identify
 
     _check_mode(mode)
-    res, _ = identify(model, batch.images, batch.targets, mode=mode, batch_size=len(batch.ids), progress=False)
+    target: Any = "pred" if batch.targets is None else batch.targets
+    res, _ = identify(model, batch.images, target, mode=mode, batch_size=len(batch.ids), progress=False)
+    batch.targets = res.target
     return _group_rows(res)
 
 

@@ -442,16 +442,20 @@ def run(
                 say(f"skipped image {i} ({source.paths[i]}): {err}")
             if b["ids"]:
                 x = b["images"].to(device=device, dtype=dtype)
+                tgt: Optional[torch.Tensor] = None
                 with torch.no_grad():
-                    if target == "pred":
+                    if target == "pred" and not spec.own_pred:
                         tgt = model(x).argmax(-1)
-                    else:
+                    elif target == "label":
                         assert labels is not None
                         tgt = torch.tensor([labels[i] for i in b["ids"]], dtype=torch.long, device=device)
                 rb = RunBatch(images=x, targets=tgt, ids=list(b["ids"]),
                               pair=None if "pair" not in b else b["pair"].to(device=device, dtype=dtype),
                               segmentation=b.get("segmentation"))
                 df = spec.fn(model, rb, **{k: v for k, v in opts.items()})
+                if rb.targets is None:
+                    raise InputError(f"analysis {analysis!r} is registered with own_pred=True but set no targets")
+                tgt = rb.targets
                 pos = df["image"].to_numpy()
                 ids = np.asarray(rb.ids, dtype=np.int64)[pos]
                 df = df.assign(image=ids)
