@@ -242,16 +242,25 @@ def corruption_pairs(source: DataSource, seed: int) -> Dict[int, int]:
 
 
 # ---------------------------------------------------------------------------------------- processes
-def _dist() -> Tuple[int, int, Any]:
-    """(rank, world size, torch.distributed or None); starts the process group under torchrun."""
+def _dist(device: Any = "cpu") -> Tuple[int, int, Any]:
+    """(rank, world size, torch.distributed or None); starts the process group under torchrun
+    (nccl for a model on CUDA, else gloo; ``VIT_LENS_DIST_BACKEND`` overrides)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, None
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("VIT_LENS_DIST_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend=backend)
+        import datetime
+
+        on_cuda = torch.device(device).type == "cuda"
+        backend = os.environ.get("VIT_LENS_DIST_BACKEND") or ("nccl" if on_cuda else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(torch.device(device) if torch.device(device).index is not None
+                                  else int(os.environ.get("LOCAL_RANK", "0")))
+        # ranks wait for each other only at the start and the end: allow for uneven shares of work
+        timeout = datetime.timedelta(seconds=float(os.environ.get("VIT_LENS_DIST_TIMEOUT_S", 24 * 3600)))
+        dist.init_process_group(backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), dist
 
 
@@ -323,7 +332,7 @@ def run(
     from vit_lens import __version__
     from vit_lens.core import progress_bar
 
-    rank, world, dist = _dist()
+    rank, world, dist = _dist(model.device)
     say: Callable[[str], None] = (log or (lambda m: print(f"vit-lens run: {m}", file=sys.stderr))) if rank == 0 \
         else (lambda m: None)
     spec = get_analysis(analysis)
@@ -480,7 +489,8 @@ def run(
     _barrier(dist)
     seconds = time.perf_counter() - t0
     if dist is not None:
-        t = torch.tensor([n_run], dtype=torch.long)
+        t = torch.tensor([n_run], dtype=torch.long,
+                         device=f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t)
         n_run = int(t.item())
     done = sorted(c["index"] for c in chunks if (sd / _shard_name(c["index"])).exists())
