@@ -40,6 +40,9 @@ COVERED = [
     "vit_lens/loading/__init__.py",
     "vit_lens/loading/checkpoints.py",
     "vit_lens/loading/saving.py",
+    "vit_lens/runs",
+    "vit_lens/results.py",
+    "vit_lens/__main__.py",
 ]
 
 USER_SCRIPT = '''\

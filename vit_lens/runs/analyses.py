@@ -145,9 +145,17 @@ def _group_rows(res: Any, condition: Optional[str] = None):
     return df
 
 
-def _check_mode(mode: str) -> None:
+def _check_mode(mode: str) -> Any:
+    """``mode`` checked (typed for the projection functions)."""
     if mode not in ("paper", "dla"):
         raise InputError(f"--mode must be 'paper' or 'dla', got {mode!r}")
+    return mode
+
+
+def _targets(batch: "RunBatch") -> Tensor:
+    if batch.targets is None:
+        raise InputError("this analysis needs the targets resolved before it runs (register it without own_pred)")
+    return batch.targets
 
 
 @register("identifiability", dict(mode="paper"), own_pred=True)
@@ -155,9 +163,9 @@ def identifiability_rows(model: Any, batch: RunBatch, *, mode: str = "paper"):
     """Class identifiability of the target per image, block and token group (vit_lens.identify)."""
     from vit_lens.class_space import identify
 
-    _check_mode(mode)
+    mode_: Any = _check_mode(mode)
     target: Any = "pred" if batch.targets is None else batch.targets
-    res, _ = identify(model, batch.images, target, mode=mode, batch_size=len(batch.ids), progress=False)
+    res, _ = identify(model, batch.images, target, mode=mode_, batch_size=len(batch.ids), progress=False)
     batch.targets = res.target
     return _group_rows(res)
 
@@ -170,7 +178,7 @@ def logit_lens_rows(model: Any, batch: RunBatch, *, mode: str = "paper", top_k: 
     from vit_lens.class_space import class_rank, logit_lens
     from vit_lens.core import hook_names
 
-    _check_mode(mode)
+    mode_: Any = _check_mode(mode)
     cfg = model.cfg
     if not cfg.has_class_token:
         raise InputError(f"logit-lens reads the [CLS] token and {cfg.model_name} has none; use identifiability")
@@ -182,9 +190,9 @@ def logit_lens_rows(model: Any, batch: RunBatch, *, mode: str = "paper", top_k: 
         names.append("ln_final.hook_scale")
     with torch.no_grad():
         _, cache = model.run_with_cache(batch.images, names_filter=names)
-        ll = logit_lens(model, cache, mode=mode, positions=[0])[:, :, 0]  # [layer, batch, n_classes]
+        ll = logit_lens(model, cache, mode=mode_, positions=[0])[:, :, 0]  # [layer, batch, n_classes]
         top = ll.topk(k, dim=-1)
-        rank = class_rank(ll, batch.targets.to(ll.device)[None, :]).cpu()  # [layer, batch]
+        rank = class_rank(ll, _targets(batch).to(ll.device)[None, :]).cpu()  # [layer, batch]
     L, B = ll.shape[:2]
     lay = np.arange(cfg.n_layers, dtype=np.int64)[:L]
     out = []
@@ -206,9 +214,10 @@ def dla_rows(model: Any, batch: RunBatch, *, by: str = "component"):
 
     if by not in ("component", "layer", "head", "neuron"):
         raise InputError(f"--by must be one of component, layer, head, neuron; got {by!r}")
+    by_: Any = by
     with torch.no_grad():
-        _, cache = model.run_with_cache(batch.images, names_filter=dla_hooks(model, by))
-        res = dla(model, cache, batch.targets, by=by)
+        _, cache = model.run_with_cache(batch.images, names_filter=dla_hooks(model, by_))
+        res = dla(model, cache, _targets(batch), by=by_)
     df = res.to_frame(include_rest=True)
     out = _frame(image=df["image"].to_numpy(), group=df["component"].astype(str).to_numpy(), measure="dla",
                  value=df["value"].astype(float).to_numpy())
@@ -233,7 +242,7 @@ def knockout_rows(model: Any, batch: RunBatch, *, edges: Sequence[str] = ("self_
     from vit_lens.class_space import identifiability
     from vit_lens.core import hook_names
 
-    _check_mode(mode)
+    mode_: Any = _check_mode(mode)
     names = hook_names(model, "resid_post")
     if mode == "dla" and model.ln_final is not None:
         names.append("ln_final.hook_scale")
@@ -247,7 +256,7 @@ def knockout_rows(model: Any, batch: RunBatch, *, edges: Sequence[str] = ("self_
             else:
                 with attention_knockout(model, e, mode=m):  # type: ignore[arg-type]
                     _, cache = model.run_with_cache(batch.images, names_filter=names)
-            res = identifiability(model, cache, batch.targets, mode=mode)  # type: ignore[arg-type]
+            res = identifiability(model, cache, _targets(batch), mode=mode_)
         frames.append(_group_rows(res, condition=cond))
     return pd.concat(frames, ignore_index=True)
 
@@ -285,7 +294,7 @@ def context_rows(model: Any, batch: RunBatch, *, box: Optional[Sequence[float]] 
                 ids[ids == v] = 0
             grids.append(grid_mask_from_segmentation(ids, model))
         masks = torch.stack(grids)
-    df = context_comparison(model, batch.images, batch.targets, masks, method=context_method,  # type: ignore[arg-type]
+    df = context_comparison(model, batch.images, _targets(batch), masks, method=context_method,  # type: ignore[arg-type]
                             progress=False)
     if df.empty:
         return _frame(image=np.zeros(0, dtype=np.int64), measure=np.zeros(0, dtype=object), value=np.zeros(0))
@@ -352,7 +361,7 @@ def patching_rows(model: Any, batch: RunBatch, *, sweep: str = "positions", hook
     if sweep not in ("positions", "heads"):
         raise InputError(f"--sweep must be 'positions' or 'heads', got {sweep!r}")
     corrupted = corrupt_images(batch.images, corruption, batch.ids, seed, batch.pair)
-    metric = logit_metric(batch.targets.to(batch.images.device), model=model)
+    metric = logit_metric(_targets(batch).to(batch.images.device), model=model)
     kw: Dict[str, Any] = dict(layers=None if layers is None else list(layers), memory_mb=memory_mb, progress=False)
     if method is not None:
         kw["method"] = method  # passed through: the sweep refuses a method it does not know

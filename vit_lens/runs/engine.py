@@ -380,7 +380,7 @@ def run(
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     N = len(source)
     C = int(chunk_size)
-    chunks = [dict(index=k, start=s, stop=min(s + C, N), shard=f"shards/{_shard_name(k)}")
+    chunks: List[Dict[str, Any]] = [dict(index=k, start=s, stop=min(s + C, N), shard=f"shards/{_shard_name(k)}")
               for k, s in enumerate(range(0, N, C))]
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
