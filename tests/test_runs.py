@@ -390,3 +390,37 @@ def test_summary_of_the_20_photos_reproduces_the_readme_table(real_vit, tmp_path
         assert f"{t.loc[l, 'CLS mean_r']:.3f}" == cls_r and f"{100 * t.loc[l, 'CLS top1_rate']:.0f}" == cls_t
         assert f"{t.loc[l, 'image mean_r']:.3f}" == img_r and f"{100 * t.loc[l, 'image top1_rate']:.1f}" == img_t
         assert f"{100 * t.loc[l, 'image has_top1']:.0f}" == any_t
+
+
+def test_context_ablation_from_segmentation_pngs(tiny, folder, tmp_path):
+    """ImageNet-S style PNGs parallel to the images (class id = R + 256 G; 0 and 1000 are no object):
+    the rows are context_comparison's with the masks built from them directly."""
+    import pandas as pd
+    from PIL import Image
+
+    from vit_lens import results
+    from vit_lens.ablation import context_comparison, grid_mask_from_segmentation
+    from vit_lens.data import from_image_folder
+
+    s = from_image_folder(folder, model=tiny)
+    seg_root = tmp_path / "seg"
+    masks = []
+    for k, p in enumerate(s.paths[:3]):
+        w, h = Image.open(p).size
+        a = np.zeros((h, w, 3), dtype=np.uint8)
+        a[:, : w // 2] = (44, 1, 0)  # class id 44 + 256 = 300 on the left half
+        a[: h // 4, w // 2 :] = (232, 3, 0)  # id 1000 (ignored) at the top right
+        (seg_root / p.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(seg_root / p.parent.name / (p.stem + ".png"))
+        ids = torch.from_numpy(a[..., 0].astype(np.int64) + 256 * a[..., 1].astype(np.int64))
+        masks.append(grid_mask_from_segmentation(ids == 300, tiny))
+    with pytest.raises(Exception, match="--preprocess paper"):
+        _run("context-ablation", tiny, folder, tmp_path / "c0", limit=3, options=dict(segmentations=str(seg_root)))
+    c = results.load(_run("context-ablation", tiny, folder, tmp_path / "c", limit=3, preprocess="paper",
+                          options=dict(segmentations=str(seg_root))).out)
+    x = tiny.preprocess([str(p) for p in s.paths[:3]], mode="paper")
+    ref = context_comparison(tiny, x, torch.tensor(s.labels[:3]), torch.stack(masks), progress=False)
+    ref = ref.melt(id_vars=["image", "tokens", "context", "layer"], value_vars=["identifiable_rate", "mean_r"])
+    mine = c[c.measure != "n_tokens"].rename(columns={"group": "tokens", "condition": "context", "measure": "variable"})
+    m = pd.merge(ref, mine, on=["image", "tokens", "context", "layer", "variable"], how="outer")
+    assert len(m) == len(ref) > 0 and np.allclose(m.value_x, m.value_y, atol=1e-6)
