@@ -1,7 +1,9 @@
-"""The resumable patching-sweep driver ``benchmarks/patching_sweep.py`` on hostile folders: a corrupt
-image (skipped, listed in failures.csv, the rest unchanged), Ctrl-C (one line, exit 130, resumable),
-a config mismatch and a missing folder (one line, exit 2), temp files left by a killed run (removed),
-and the tidy ``sweep.parquet`` table (equal to the per-image records)."""
+"""The resumable patching-sweep driver ``benchmarks/patching_sweep.py`` (a thin driver over
+``vit-lens run patching``) on hostile folders: a corrupt image (skipped, listed in failures.csv, the
+rest unchanged, retried by the next run), Ctrl-C (one line, exit 130, resumable), a config mismatch
+and a missing folder (one line, exit 2), temp files left by a killed run (removed), and the tidy
+Parquet shards (equal to the patching sweep's own result; issue 15 replaced the per-image torch
+pickles and ``sweep.parquet`` by the shards of ``vit-lens run``)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-import torch
 
 from conftest import REPO, load_script, make_timm
 
@@ -44,55 +47,65 @@ def _images(folder, names, seed=0):
 
 
 KW = dict(progress=False, corruption="blur")
+KEYS = ["image", "layer", "group", "index", "measure"]
+
+
+def _by_path(df):
+    return {p: d for p, d in df.groupby("path")}
 
 
 def test_corrupt_image_is_skipped_listed_and_retried(tmp_path, script, vit, capsys):
     import pandas as pd
 
+    from vit_lens import patching, results
+    from vit_lens.runs import corrupt_images
+
     good = _images(tmp_path / "good", ["a.png", "b.jpg"])
     bad = _images(tmp_path / "bad", ["a.png", "b.jpg"])
     (bad / "broken.jpg").write_text("this is text, not a JPEG")
-    ref = {r["key"]: r for r in (script.run_sweep(vit, script.find_images(good), tmp_path / "ref", root=good, **KW),
-                                 script.load_results(tmp_path / "ref"))[1]}
+    script.run_sweep(vit, good, tmp_path / "ref", **KW)
+    ref = results.load(tmp_path / "ref")
 
     out = tmp_path / "out"
     files = script.find_images(bad)
     assert len(files) == 3  # the .jpg suffix lets it in; reading it fails
-    m = script.run_sweep(vit, files, out, root=bad, **KW)
-    assert m["n_done"] == 2 and m["failed"] == ["broken.jpg"] and m["n_failed"] == 1
+    m = script.run_sweep(vit, bad, out, **KW)
+    assert m.n_done == 3 and m.n_failed == 1
     err = capsys.readouterr().err
     assert "skipped" in err and "broken.jpg" in err and "Traceback" not in err
     fails = pd.read_csv(out / "failures.csv")
-    assert list(fails.columns) == ["path", "key", "error"] and len(fails) == 1
-    assert fails.path[0] == str(bad / "broken.jpg") and "cannot identify image" in fails.error[0]
-    got = {r["key"]: r for r in script.load_results(out)}
-    assert sorted(got) == sorted(ref)
-    for k in ref:  # the good images' results are those of a folder without the bad one
-        assert torch.equal(got[k]["values"], ref[k]["values"])
+    assert list(fails.columns) == ["image", "path", "error"] and len(fails) == 1
+    assert fails.path[0] == str((bad / "broken.jpg").resolve()) and "cannot identify image" in fails.error[0]
+    got = results.load(out)
+    assert sorted(Path(p).name for p in got.path.unique()) == sorted(Path(p).name for p in ref.path.unique())
+    g, r = _by_path(got), _by_path(ref)
+    for p in r:  # the good images' results are those of a folder without the bad one
+        mine = g[p.replace(str(good.resolve()), str(bad.resolve()))]
+        assert np.array_equal(mine.value.to_numpy(), r[p].value.to_numpy())
 
-    # the tidy table: what pandas reads equals the per-image records
-    df = pd.read_parquet(out / "sweep.parquet")
+    # the tidy table: what pandas reads is the sweep's own result, cell by cell
+    df = pd.read_parquet(out / "shards")
     L, P = len(vit.blocks), vit.cfg.n_ctx
-    assert len(df) == 2 * L * P
-    assert list(df.columns) == ["key", "image", "target", "layer", "pos", "token", "row", "col", "value",
-                                "normalized", "clean", "corrupted"]
-    n_pre, (rows, cols) = vit.cfg.n_prefix_tokens, vit.cfg.grid_size
-    for k, r in got.items():
-        sub = df[df.key == k]
-        assert (sub.target == r["target"]).all() and (sub.clean == r["clean"]).all()
-        v = sub.pivot(index="layer", columns="pos", values="value")
-        assert np.array_equal(v.to_numpy(), r["values"].numpy())
-        patches = sub[sub.pos >= vit.cfg.n_prefix_tokens]
-        for row in patches.itertuples():
-            # timm flattens the patch grid row-major after the prefix tokens
-            assert n_pre + int(row.row) * cols + int(row.col) == row.pos and 0 <= row.row < rows
-        assert sub[sub.pos < vit.cfg.n_prefix_tokens].row.isna().all()
+    assert len(df[df.measure == "value"]) == 2 * L * P
+    assert list(df.columns) == ["image", "path", "label", "target", "layer", "group", "index", "condition", "measure",
+                                "value"]
+    for path, sub in df.groupby("path"):
+        clean = vit.preprocess([path])
+        target = int(vit(clean).argmax(-1)[0])
+        res = patching.patch_positions_sweep(vit, clean, corrupt_images(clean, "blur", [0]), patching.logit_metric(target),
+                                             progress=False)
+        assert (sub.target == target).all()
+        v = sub[sub.measure == "value"].pivot(index="layer", columns="index", values="value")
+        assert np.allclose(v.to_numpy(), res.values[..., 0].numpy(), atol=1e-5)
+        base = sub[sub.group == "baseline"].set_index("measure").value
+        assert base["clean"] == pytest.approx(float(res.clean[0]), abs=1e-5)
 
     # fixed on disk: the next run processes it and the failures file goes away
     _images(bad, ["broken.jpg"], seed=5)
-    m = script.run_sweep(vit, files, out, root=bad, **KW)
-    assert m["n_done"] == 3 and m["n_failed"] == 0 and not (out / "failures.csv").exists()
-    assert len(pd.read_parquet(out / "sweep.parquet")) == 3 * L * P
+    m = script.run_sweep(vit, bad, out, **KW)
+    assert m.n_done == 3 and m.n_failed == 0 and not (out / "failures.csv").exists()
+    d = results.load(out)
+    assert len(d[d.measure == "value"]) == 3 * L * P and not d.duplicated(["image", "layer", "index", "measure"]).any()
 
 
 @pytest.fixture
@@ -105,11 +118,12 @@ def as_cli(monkeypatch, vit):
 
 def test_ctrl_c_one_line_exit_130_and_resume(tmp_path, script, vit, as_cli, monkeypatch, capsys):
     import vit_lens.patching as P
+    from vit_lens import results
 
     folder = _images(tmp_path / "imgs", ["a.png", "b.png", "c.png"])
     ref_out = tmp_path / "ref"
     assert script.main([str(folder), "--out", str(ref_out)]) == 0
-    ref = {r["key"]: r for r in script.load_results(ref_out)}
+    ref = results.load(ref_out)
 
     real = P.patch_positions_sweep
     calls = []
@@ -128,14 +142,12 @@ def test_ctrl_c_one_line_exit_130_and_resume(tmp_path, script, vit, as_cli, monk
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == \
         "patching_sweep: interrupted after 1 of 3 images; rerun the same command to resume"
-    assert len(script.load_results(out)) == 1 and not list((out / "results").glob(".*.tmp"))
+    assert results.load(out).image.nunique() == 1 and not list((out / "shards").glob(".*.tmp"))
 
     assert script.main([str(folder), "--out", str(out)]) == 0  # the same command resumes
     assert len(calls) == 2 + 2  # the two images left, each once
-    got = {r["key"]: r for r in script.load_results(out)}
-    assert sorted(got) == sorted(ref)
-    for k in ref:
-        assert torch.equal(got[k]["values"], ref[k]["values"])
+    got = results.load(out)
+    assert got.sort_values(KEYS, ignore_index=True).equals(ref.sort_values(KEYS, ignore_index=True))
     assert "3 of 3 images done" in capsys.readouterr().out
 
 
@@ -164,33 +176,34 @@ def _dead_pid() -> int:
 
 
 def test_temp_files_of_killed_runs_are_removed(tmp_path, script, vit):
+    from vit_lens.runs.engine import shard_dir
+
     folder = _images(tmp_path / "imgs", ["a.png"])
     out = tmp_path / "out"
-    results = out / "results"
-    results.mkdir(parents=True)
+    shards = shard_dir(out)
+    shards.mkdir(parents=True)
     # a real kill -9 in the middle of an atomic write
-    code = (f"import importlib.util, sys, time; spec = importlib.util.spec_from_file_location('s', {str(SCRIPT)!r}); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); from pathlib import Path; "
-            f"m._atomic_write_bytes(Path({str(results / 'x.pt')!r}), lambda f: (f.write(b'partial'), f.flush(), "
-            "time.sleep(120)))")
+    code = ("import time, os; from pathlib import Path; from vit_lens.runs import engine; "
+            "orig = os.fsync; os.fsync = lambda fd: (time.sleep(120), orig(fd)); "
+            f"engine._atomic_write(Path({str(shards / 'x.parquet')!r}), b'partial')")
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
     t0 = time.time()
-    while not list(results.glob(".x.pt.*.tmp")) and time.time() - t0 < 60:
+    while not list(shards.glob(".x.parquet.*.tmp")) and time.time() - t0 < 120:
         time.sleep(0.1)
     proc.kill()
     proc.wait()
-    killed = list(results.glob(".x.pt.*.tmp"))
-    assert len(killed) == 1 and not (results / "x.pt").exists()
-    old_style = results / ".y.pt.k2j4_x.tmp"  # the former mkstemp naming, no pid
+    killed = list(shards.glob(".x.parquet.*.tmp"))
+    assert len(killed) == 1 and not (shards / "x.parquet").exists()
+    old_style = shards / ".y.parquet.k2j4_x.tmp"  # another naming, no pid
     old_style.write_bytes(b"old")
     dead = out / f".manifest.json.{_dead_pid()}.0123abcd.tmp"
     dead.write_bytes(b"{")
-    live = results / f".z.pt.{os.getppid()}.0123abcd.tmp"  # a live process's: a concurrent writer
+    live = shards / f".z.parquet.{os.getppid()}.0123abcd.tmp"  # a live process's: a concurrent writer
     live.write_bytes(b"busy")
-    script.run_sweep(vit, script.find_images(folder), out, root=folder, **KW)
+    script.run_sweep(vit, folder, out, **KW)
     assert not killed[0].exists() and not old_style.exists() and not dead.exists()
     assert live.exists()
-    assert [p.name for p in results.iterdir() if not p.name.startswith(".")] == ["a.png.pt"]
+    assert [p.name for p in shards.iterdir() if not p.name.startswith(".")] == ["chunk-000000.parquet"]
 
 
 def test_runs_from_the_benchmarks_folder():
@@ -227,14 +240,14 @@ sys.exit(s.main(sys.argv[1:]))
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder), "--out", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
-    while not list((out / "results").glob("*.pt")) and time.time() - t0 < 120:
+    while not list((out / "shards").glob("*.parquet")) and time.time() - t0 < 120:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
-    n = len(list((out / "results").glob("*.pt")))
+    n = len(list((out / "shards").glob("*.parquet")))
     assert 1 <= n < 6
     assert last == f"patching_sweep: interrupted after {n} of 6 images; rerun the same command to resume"
     rerun = subprocess.run([sys.executable, "-c", code, str(folder), "--out", str(out)], env=env,

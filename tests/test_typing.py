@@ -42,6 +42,9 @@ COVERED = [
     "vit_lens/loading/saving.py",
     "vit_lens/loading/sources/open_clip.py",
     "vit_lens/clip.py",
+    "vit_lens/runs",
+    "vit_lens/results.py",
+    "vit_lens/__main__.py",
 ]
 
 USER_SCRIPT = '''\

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     idp.add_argument("--top-k", type=int, default=5, help="top classes to print per image (default 5)")
     idp.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     idp.add_argument("--device", default=None, help="torch device (default cpu)")
+    add_run_parsers(sub)
     return p
 
 
@@ -343,6 +344,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with warnings.catch_warnings():
                 warnings.showwarning = _one_line_warning
                 return identify_command(args)
+        if args.command in RUN_COMMANDS:
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return RUN_COMMANDS[args.command](args)
         parser.error(f"unknown command {args.command!r}")
     except UsageError as e:
         if debug:
@@ -358,6 +363,163 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"vit-lens: error: {type(e).__name__}: {e} (run with --traceback for details)", file=sys.stderr)
         return 1
     return 0
+
+
+
+# =============================================================================================
+# vit-lens run / vit-lens summarize (dataset-scale runs, vit_lens.runs and vit_lens.results)
+# =============================================================================================
+#: analysis option -> (flag, argparse keywords); each analysis takes the options it declares
+RUN_OPTION_FLAGS: Dict[str, Tuple[str, dict]] = {
+    "mode": ("--mode", dict(choices=("paper", "dla"), help="projection mode (identifiability, logit-lens, knockout; default paper)")),
+    "top_k": ("--top-k", dict(type=int, help="logit-lens: classes per block (default 5)")),
+    "by": ("--by", dict(choices=("component", "layer", "head", "neuron"), help="dla: granularity (default component)")),
+    "edges": ("--edges", dict(nargs="+", help="knockout: edge sets (default self_only no_cls)")),
+    "modes": ("--modes", dict(nargs="+", choices=("mask", "paper", "zero_edges"), help="knockout: modes (default mask paper)")),
+    "box": ("--box", dict(nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
+                          help="context-ablation: the class tokens' box in model-input pixels")),
+    "segmentations": ("--segmentations", dict(metavar="FOLDER", help="context-ablation: segmentation PNGs parallel to the "
+                                              "images (ImageNet-S style: class id = R + 256 G; 0 and 1000 = no object)")),
+    "context_method": ("--context-method", dict(choices=("remove", "attention"), help="context-ablation: how tokens are removed")),
+    "sweep": ("--sweep", dict(choices=("positions", "heads"), help="patching: layer x position or layer x head (default positions)")),
+    "hook": ("--hook", dict(help="patching: the hook to patch (default resid_pre; attn.hook_z for heads)")),
+    "layers": ("--layers", dict(type=int, nargs="+", help="patching: blocks to sweep (default all)")),
+    "corruption": ("--corruption", dict(choices=("other", "noise", "blur", "gray"),
+                                        help="patching: the corrupted run: a seeded image of another class in the set "
+                                             "(other, default), noise, blur or gray")),
+    "seed": ("--seed", dict(type=int, help="patching: seed of the pairing and the noise (default 0)")),
+    "method": ("--method", dict(help="patching: passed to the sweep as method= (default: the sweep's own, exact)")),
+    "memory_mb": ("--memory-mb", dict(type=float, help="patching: memory budget of a chunk of patched runs")),
+}
+
+
+#: the built-in analyses of ``vit-lens run`` (vit_lens.runs.ANALYSES; one registered later is accepted too)
+RUN_ANALYSES = ("identifiability", "logit-lens", "dla", "knockout", "context-ablation", "patching")
+
+
+def add_run_parsers(sub) -> None:
+    """The ``run`` and ``summarize`` subcommands."""
+    rp = sub.add_parser(
+        "run", help="run an analysis over a dataset: Parquet shards + manifest, resumable, torchrun-ready",
+        description=("Run ANALYSIS over every image of --data, in fixed chunks of images, one Parquet shard per chunk "
+                     "in OUT/shards plus OUT/manifest.json. Rerunning the same command resumes (finished chunks are "
+                     "skipped; another configuration is refused). Under 'torchrun --nproc_per_node=N -m vit_lens run ...' "
+                     "the chunks are shared between the processes."),
+    )
+    rp.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    rp.add_argument("analysis", metavar="ANALYSIS", help=f"one of {', '.join(RUN_ANALYSES)}")
+    rp.add_argument("--model", default=DEFAULT_MODEL,
+                    help="timm model name (optionally .tag), or a file written by HookedViT.save")
+    rp.add_argument("--checkpoint", metavar="PATH", help="local weights file in timm's layout")
+    rp.add_argument("--random-weights", action="store_true",
+                    help="the architecture with random weights (seed 0), e.g. for throughput measurements")
+    rp.add_argument("--data", required=True, metavar="SRC",
+                    help="a folder (ImageFolder tree or flat), a labels CSV (path,class_index,...) or hf:PATH[:split]")
+    rp.add_argument("--out", required=True, metavar="DIR", help="output folder (resumed if it holds this run)")
+    rp.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    rp.add_argument("--chunk-size", type=int, default=256, help="images per chunk / shard (default 256)")
+    rp.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    rp.add_argument("--device", default=None, help="torch device (default cpu; under torchrun 'cuda' means this rank's GPU)")
+    rp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    rp.add_argument("--limit", type=int, default=None, help="only the first N images of --data")
+    rp.add_argument("--preprocess", choices=("timm", "paper"), default="timm",
+                    help="'timm': the model's own eval transform (default); 'paper': resize without crop")
+    rp.add_argument("--target", choices=("auto", "label", "pred"), default="auto",
+                    help="target class: the image's label, the model's top-1 (pred), or auto (label when labelled)")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for dest, (flag, kw) in RUN_OPTION_FLAGS.items():
+        rp.add_argument(flag, dest=f"opt_{dest}", default=None, **kw)
+
+    sp = sub.add_parser("summarize", help="aggregate tables and figures of a 'vit-lens run' folder",
+                        description="Print the paper-style aggregate tables of a run and write their figures.")
+    sp.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    sp.add_argument("dir", metavar="DIR", help="the --out folder of a 'vit-lens run'")
+    sp.add_argument("--figures", metavar="FOLDER", default=None,
+                    help="where to write the HTML figures (default DIR/figures; '-' for none)")
+
+
+def _run_model(args: argparse.Namespace):
+    import torch
+
+    from vit_lens.model import HookedViT
+
+    dtype = getattr(torch, args.dtype)
+    device = args.device
+    if device and device.startswith("cuda") and ":" not in device and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    spec = Path(args.model).expanduser()
+    if spec.suffix == ".safetensors" and spec.is_file():
+        if args.checkpoint or args.random_weights:
+            raise UsageError("--model FILE.safetensors is a saved HookedViT; --checkpoint / --random-weights do not apply")
+        return HookedViT.load(spec, device=device, dtype=dtype)
+    if args.random_weights:
+        if args.checkpoint:
+            raise UsageError("give --checkpoint or --random-weights, not both")
+        import timm
+
+        torch.manual_seed(0)
+        try:
+            m = timm.create_model(args.model, pretrained=False).eval()
+        except Exception as e:
+            raise UsageError(f"cannot build model {args.model!r}: {e}") from e
+        return HookedViT.from_timm(m).to(device=device or "cpu", dtype=dtype)
+    model = _load_model(args.model, args.checkpoint, device)
+    return model.to(dtype=dtype) if dtype != torch.float32 else model
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from vit_lens.core.errors import VitLensError
+    from vit_lens.runs import get_analysis, open_source, run
+
+    try:
+        spec = get_analysis(args.analysis)
+    except KeyError as e:
+        raise UsageError(str(e.args[0])) from None
+    given = {dest: getattr(args, f"opt_{dest}") for dest in RUN_OPTION_FLAGS if getattr(args, f"opt_{dest}") is not None}
+    wrong = [RUN_OPTION_FLAGS[d][0] for d in given if d not in spec.options]
+    if wrong:
+        takes = ", ".join(RUN_OPTION_FLAGS[d][0] for d in spec.options if d in RUN_OPTION_FLAGS) or "none"
+        raise UsageError(f"{', '.join(wrong)} do{'es' * (len(wrong) == 1)} not apply to {args.analysis} "
+                         f"(its options: {takes})")
+    try:
+        if args.data.startswith("hf:") is False and not Path(args.data).expanduser().exists():
+            raise UsageError(f"--data: no file or folder at {args.data!r}; give a folder of images, a labels CSV or hf:PATH")
+        model = _run_model(args)
+        source = open_source(args.data, model)
+        target = args.target
+        if target == "auto":
+            target = "label" if source.labels is not None and all(l >= 0 for l in source.labels) else "pred"
+        report = run(args.analysis, model, source, args.out, options=given, batch_size=args.batch_size,
+                     workers=args.workers, preprocess=args.preprocess, limit=args.limit, chunk_size=args.chunk_size,
+                     target=target, model_spec=args.model, progress=not args.no_progress)
+    except VitLensError as e:
+        raise UsageError(str(e.args[0]) if e.args else str(e)) from e
+    return 0 if report.complete else 1
+
+
+def summarize_command(args: argparse.Namespace) -> int:
+    from vit_lens import results
+    from vit_lens.core.errors import VitLensError
+
+    try:
+        tables = results.summarize(args.dir)
+        m = results.manifest(args.dir)
+    except VitLensError as e:
+        raise UsageError(str(e.args[0]) if e.args else str(e)) from e
+    n_chunks, done = len(m["chunks"]), len(m.get("done", []))
+    print(f"{m['analysis']} of {m['model']} ({m['config']['preprocess']} preprocessing, target {m['config']['target']}); "
+          f"{done} of {n_chunks} chunks done")
+    print(results.format_tables(tables))
+    fails = results.failures(args.dir)
+    if len(fails):
+        print(f"\n{len(fails)} unreadable image(s) skipped (listed in {Path(args.dir) / 'failures.csv'})")
+    if args.figures != "-":
+        for p in results.write_figures(args.dir, tables, args.figures):
+            print(f"wrote {p}")
+    return 0
+
+
+RUN_COMMANDS = {"run": run_command, "summarize": summarize_command}
 
 
 if __name__ == "__main__":
