@@ -50,6 +50,7 @@ __all__ = [
     "grid_heatmap",
     "identifiability_lines",
     "identifiability_map",
+    "identify_report",
     "layer_lines",
     "memory_table",
     "patching_figure",
@@ -58,6 +59,7 @@ __all__ = [
     "notebook_renderer",
     "save_html",
     "save_image",
+    "save_report",
     "static_export_problem",
     "to_image",
     "token_heatmap",
@@ -1082,7 +1084,7 @@ def identifiability_lines(
                 dashed.append(name)
     what = "share of tokens whose target class is top-1" if metric == "top1_rate" else "mean class identifiability r"
     level = (0.5 if metric == "mean_r" else 1.0 / result.n_classes) if chance else None
-    return layer_lines(
+    fig = layer_lines(
         series,
         x_labels=x_labels,
         dashed=dashed,
@@ -1094,6 +1096,15 @@ def identifiability_lines(
         hline=level,
         hline_label=("chance: 0.5" if metric == "mean_r" else f"chance: 1/{result.n_classes}") if chance else "",
     )
+    # one colour per token group, the same for the model and its twin (which is dashed)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
+    groups: list = []
+    for tr in fig.data:
+        g = str(tr.name).split(": ", 1)[-1]
+        if g not in groups:
+            groups.append(g)
+        tr.line.color = palette[groups.index(g) % len(palette)]
+    return fig
 
 
 def identifiability_map(
@@ -1150,6 +1161,142 @@ def identifiability_map(
         colorscale="Viridis", mean=mean, std=std, colorbar_title="identifiability r = 1 - rank / n_classes",
         title=title if title is not None else f"Identifiability of '{name}' after block {block} ({result.hook})",
     )
+
+
+def identify_report(
+    result: "IdentifiabilityResult",
+    random: Optional["IdentifiabilityResult"] = None,
+    *,
+    image: Any = None,
+    lens: Any = None,
+    lens_label: str = "[CLS]",
+    index: int = 0,
+    class_names: Optional[Sequence[str]] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    k: int = 5,
+    image_name: str = "",
+) -> list:
+    """The figures of one identifiability report (what ``vit-lens identify --out report.html`` writes).
+
+    Args:
+        result: :func:`vit_lens.class_space.identify` of the model on the images.
+        random: the same for a random-weights twin (drawn dashed), or ``None``.
+        image: the image ``index`` the model saw, for the token map (see :func:`token_heatmap`),
+            or the normalised batch; ``None`` leaves the map out.
+        lens: ``[n_blocks, n_classes]`` class scores of one token per block for image ``index``
+            (e.g. ``class_space.logit_lens(model, cache, positions=0)[:, 0, 0]``), for the top-k
+            table; ``None`` leaves the table out.
+        lens_label: which token ``lens`` reads (named in the table's title).
+        index: which image the map and the table show.
+        class_names: e.g. ``model.class_names``.
+        mean, std: the normalisation to undo for a normalised ``image``.
+        k: classes per block in the table.
+        image_name: the image's name for the titles (e.g. its file name).
+
+    Returns:
+        a list of figures: mean identifiability ``r`` per block (chance 0.5), the share of tokens
+        whose target class is top-1 per block (chance ``1 / n_classes``), the last block's
+        identifiability of every image token over the image, and the top-``k`` classes per block.
+    """
+    n_img = int(result.rank.shape[1])
+    names = class_names if class_names is not None else None
+    tgt = sorted({(names[int(t)] if names is not None else f"class {int(t)}") for t in result.target})
+    on = f"{n_img} image{'s' * (n_img != 1)}; target: {', '.join(tgt[:3])}{' ...' if len(tgt) > 3 else ''}"
+    figs = [
+        identifiability_lines(result, random, metric="mean_r",
+                              title=f"Mean class identifiability r = 1 - rank / n_classes per block ({on})"),
+        identifiability_lines(result, random, metric="top1_rate",
+                              title=f"Share of tokens whose target class is top-1, per block ({on})"),
+    ]
+    which = f" of {image_name}" if image_name else (f" of image {index + 1}" if n_img > 1 else "")
+    t = int(result.target[index])
+    tname = names[t] if names is not None else f"class {t}"
+    if image is not None:
+        figs.append(identifiability_map(
+            result, image, index=index, class_names=names, mean=mean, std=std,
+            title=f"Identifiability of '{tname}' in every image token{which}, after block {result.layers[-1]} "
+                  "(1 = the target class is the token's top-1 class)"))
+    if lens is not None:
+        arr = _as_array(lens, "lens")
+        if arr.ndim != 2 or arr.shape[0] != len(result.layers):
+            raise InputError(f"lens must be [n_blocks={len(result.layers)}, n_classes], got shape {arr.shape}")
+        figs.append(topk_table(arr, k=k, class_names=names, highlight=t,
+                               row_labels=[f"block {l}" for l in result.layers],
+                               title=f"Top-{k} classes of the {lens_label} token{which} after each block "
+                                     f"('{tname}' shaded)"))
+    return figs
+
+
+def save_report(
+    figures: Sequence["go.Figure"],
+    path: Union[str, os.PathLike],
+    *,
+    title: str = "",
+    notes: Sequence[str] = (),
+    plotlyjs: str = "inline",
+) -> Path:
+    """Write several figures as one report: an HTML page (``.html``), or one static picture of
+    the same figures stacked top to bottom (``.png``, through :func:`to_image`).
+
+    Args:
+        figures: plotly figures, in order.
+        path: ``report.html`` or ``report.png``.
+        title: the page's heading.
+        notes: lines of text under the heading (e.g. the model and the preprocessing).
+        plotlyjs: for HTML, ``"inline"`` (default; the page works offline) or ``"cdn"``.
+
+    Returns:
+        the absolute path written.
+    """
+    import html as _html
+
+    figures = list(figures)
+    if not figures or not all(hasattr(f, "to_html") for f in figures):
+        raise InputTypeError("figures must be a non-empty list of plotly Figures")
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in (".html", ".htm", ".png"):
+        raise InputError(f"a report is written as .html or .png, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".png":
+        from PIL import Image
+
+        go = _go()
+        parts = []
+        if title or notes:
+            width = max(int(f.layout.width or 700) for f in figures)
+            lines = [f"<b>{_html.escape(title)}</b>"] if title else []
+            for n in notes:
+                lines += _wrap(_html.escape(n), _chars(width - 40))
+            head = go.Figure()
+            head.add_annotation(text="<br>".join(lines), x=0, y=1, xref="paper", yref="paper", xanchor="left",
+                                yanchor="top", showarrow=False, align="left", font=dict(size=14))
+            head.update_xaxes(visible=False)
+            head.update_yaxes(visible=False)
+            head.update_layout(width=width, height=30 + 20 * len(lines), margin=dict(l=12, r=12, t=10, b=10),
+                               template="plotly_white")
+            parts.append(head)
+        ims = [Image.open(io.BytesIO(to_image(f, format="png", scale=1))).convert("RGB") for f in parts + figures]
+        canvas = Image.new("RGB", (max(i.width for i in ims), sum(i.height for i in ims)), "white")
+        y = 0
+        for im in ims:
+            canvas.paste(im, (0, y))
+            y += im.height
+        canvas.save(path, format="PNG", optimize=True)
+        return path.resolve()
+    include = _plotlyjs_option(plotlyjs)
+    body = [f"<h1>{_html.escape(title)}</h1>" if title else ""]
+    body += [f"<p>{_html.escape(n)}</p>" for n in notes]
+    for i, f in enumerate(figures):
+        body.append(f.to_html(full_html=False, include_plotlyjs=include if i == 0 else False,
+                              config=dict(displaylogo=False)))
+    page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + _html.escape(title or "vit_lens report")
+            + "</title><style>body{font-family:sans-serif;margin:16px;max-width:1200px} h1{font-size:20px}"
+              " p{margin:4px 0;color:#333} .plotly-graph-div{margin:12px 0}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+    path.write_text(page, encoding="utf-8")
+    return path.resolve()
 
 
 def _class_by_name(name: str, names: Optional[Sequence[str]]) -> int:
