@@ -394,11 +394,13 @@ def write_figure(out_dir: os.PathLike, records: Optional[List[Dict[str, Any]]] =
     n_l = len(layers)
     ncols = min(n_l, 6)
     nrows = 1 + (n_l + ncols - 1) // ncols
+    height = 340 + 240 * (nrows - 1)
     fig = make_subplots(
         rows=nrows, cols=ncols,
         specs=[[{"colspan": ncols}] + [None] * (ncols - 1)] + [[{}] * ncols for _ in range(nrows - 1)],
         subplot_titles=["layer x position"] + [f"layer {l}" for l in layers],
-        vertical_spacing=0.08,
+        # room under the first row for its rotated position labels, above the next row's titles
+        vertical_spacing=min(0.3, 110 / height),
     )
     fig.add_trace(go.Heatmap(z=mean, x=labels, y=[str(l) for l in layers], coloraxis="coloraxis",
                              hovertemplate="layer %{y}, token %{x}: %{z:.3f}<extra></extra>"), row=1, col=1)
@@ -411,11 +413,12 @@ def write_figure(out_dir: os.PathLike, records: Optional[List[Dict[str, Any]]] =
                       row=2 + i // ncols, col=1 + i % ncols)
         fig.update_yaxes(autorange="reversed", row=2 + i // ncols, col=1 + i % ncols)
     fig.update_yaxes(autorange="reversed", row=1, col=1)
-    fig.update_xaxes(type="category", row=1, col=1)
+    fig.update_xaxes(type="category", tickangle=-90, nticks=40, tickfont=dict(size=10), row=1, col=1)
     fig.update_layout(
-        title=f"{r0['hook']} patching, clean -> corrupted, mean over {len(recs)} images "
-              "(0 = corrupted, 1 = clean; logit of the clean top-1 class)",
-        coloraxis=dict(colorscale="RdBu_r", cmid=0), height=300 + 220 * (nrows - 1), template="plotly_white",
+        title=dict(text=f"{r0['hook'].replace('blocks.{l}.', '')} of each block patching, clean -> corrupted, mean over {len(recs)} images<br>"
+                        "(0 = corrupted, 1 = clean; logit of the clean top-1 class)", font=dict(size=15)),
+        coloraxis=dict(colorscale="RdBu_r", cmid=0, colorbar=dict(title=dict(text="patching effect", side="right"))),
+        height=height, template="plotly_white", margin=dict(t=90),
     )
     return save_html(fig, Path(out_dir) / "sweep.html")
 
