@@ -72,7 +72,11 @@ def execute(path: Path, *, kernel_dir: Path, out_dir: Path, env: Optional[Dict[s
     client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=False,
                             resources={"metadata": {"path": str(Path(path).resolve().parent)}})
     start = time.perf_counter()
-    client.execute(env=run_env)
+    try:
+        client.execute(env=run_env)
+    finally:  # nbclient leaves a kernel manager it was given running: stop the kernel (and its memory) now
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     _clean(nb)
     return nb, time.perf_counter() - start
 

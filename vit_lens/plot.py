@@ -123,7 +123,7 @@ def _text_grid(hover_text: Any, shape: Tuple[int, ...], what: str = "hover_text"
 _TITLE_FONT = 15
 _FONT = 12
 _CHAR_EM = 0.56  # average glyph width of plotly's default font, in font sizes (conservative)
-_MODEBAR_PX = 30
+_MODEBAR_PX = 40
 _LINE_PX = 20  # a title / annotation line at _TITLE_FONT
 
 
@@ -983,10 +983,33 @@ def save_image(fig: "go.Figure", path: Union[str, os.PathLike], *, scale: float 
     return path.resolve()
 
 
+def _compact_png_renderer():
+    """plotly's PNG renderer, with the PNG reduced to at most 256 colours (lossless for line charts
+    and tables; photos under a heat map keep their look at a fifth of the size), so that a notebook
+    holding many figures stays small."""
+    from plotly.io.base_renderers import MimetypeRenderer
+
+    class CompactPng(MimetypeRenderer):
+        def to_mimebundle(self, fig_dict):
+            from PIL import Image
+
+            go = _go()
+            raw = to_image(go.Figure(fig_dict), format="png", scale=1)
+            im = Image.open(io.BytesIO(raw)).convert("RGB")
+            q = im.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
+            buf = io.BytesIO()
+            q.save(buf, format="PNG", optimize=True)
+            data = min(raw, buf.getvalue(), key=len)
+            return {"image/png": base64.b64encode(data).decode("ascii")}
+
+    return CompactPng()
+
+
 def notebook_renderer(*, png: bool = True) -> str:
     """Set plotly's notebook renderer so that every ``fig.show()`` also stores a PNG of the figure.
 
-    With ``png=True`` and static export available, figures are shown as ``"plotly_mimetype+png"``:
+    With ``png=True`` and static export available, figures are shown as the interactive plotly output
+    plus a PNG (at most 256 colours, to keep notebooks small):
     interactive in JupyterLab / VS Code, and a static PNG in the saved notebook that GitHub and
     nbviewer display. Without a browser it falls back to the interactive output alone and says why
     (one line). Returns the renderer set.
@@ -995,7 +1018,8 @@ def notebook_renderer(*, png: bool = True) -> str:
 
     problem = static_export_problem() if png else None
     if png and problem is None:
-        name = "plotly_mimetype+png"
+        pio.renderers["vit_lens_png"] = _compact_png_renderer()
+        name = "plotly_mimetype+vit_lens_png"
         if not _export_state.get("server"):
             import kaleido
 
