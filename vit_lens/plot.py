@@ -192,11 +192,12 @@ def _legend_below_title(fig: "go.Figure", names: Sequence[str], width: int) -> i
     longest = max((len(str(n)) for n in names), default=0)
     if len(names) <= 1 or longest <= 18:
         return 0
-    per_row = max(1, int((width - 40) // ((longest + 6) * _FONT * _CHAR_EM)))
+    entry = int((longest + 4) * _FONT * _CHAR_EM)            # text; plotly adds ~40 px for the symbol
+    per_row = max(1, int((width - 130) // (entry + 40)))      # the legend is as wide as the plot area
     n_rows = math.ceil(len(names) / per_row)
     fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, xanchor="left",
-                                  entrywidth=int((longest + 4) * _FONT * _CHAR_EM), entrywidthmode="pixels"))
-    return 22 * n_rows + 6
+                                  entrywidth=entry, entrywidthmode="pixels"))
+    return 20 * n_rows + 10
 
 
 def position_labels(cfg: Union[HookedViTConfig, HookedViT], grid_size: Optional[Tuple[int, int]] = None) -> list:
