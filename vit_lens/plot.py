@@ -14,7 +14,17 @@ Generic figures:
 - :func:`grid_heatmap` -- a 2-D grid (layer x head, layer x position, ...).
 - :func:`topk_table` -- the top-k classes per row (e.g. per layer) as a table figure.
 - :func:`bars` -- grouped bar charts (knockout / context-ablation comparisons).
-- :func:`save_html` -- write any figure as one self-contained HTML file (plotly.js inlined).
+- :func:`save_html` -- write any figure as one self-contained HTML file (plotly.js inlined, or
+  from the CDN).
+
+Static pictures (PNG / SVG / PDF) go through plotly's own export, kaleido, with a Chrome / Chromium
+found on the machine (:func:`find_browser`; none: a ``MissingFileError`` saying how to install one):
+:func:`save_image`, :func:`to_image`, :func:`static_export_problem`; :func:`notebook_renderer` makes
+``fig.show()`` store a PNG beside the interactive figure. :func:`identify_report` and
+:func:`save_report` build the page ``vit-lens identify --out`` writes.
+
+Every figure has an explicit size, a title wrapped to it below the toolbar's band, axis and colour-bar
+titles; signed values get a diverging scale centred on 0.
 """
 
 from __future__ import annotations
