@@ -227,3 +227,23 @@ def test_identify_report_html_and_png(tmp_path, capsys, real_vit):
     assert im.format == "PNG" and im.size[1] > 1500            # four figures stacked
     assert cli.main(["identify", "--out", str(tmp_path / "r.pdf")]) == 2
     assert ".html" in capsys.readouterr().err
+
+
+def test_notebook_renderer_png_when_it_can_interactive_only_when_not(monkeypatch, capsys):
+    import plotly.io as pio
+
+    before = pio.renderers.default
+    try:
+        monkeypatch.setattr(P, "static_export_problem", lambda: "no browser here: install one")
+        assert P.notebook_renderer() == "plotly_mimetype"
+        assert "no browser here" in capsys.readouterr().out
+        assert P.notebook_renderer(png=False) == "plotly_mimetype"
+        monkeypatch.undo()
+        if _problem() is None:
+            assert P.notebook_renderer() == "plotly_mimetype+vit_lens_png"
+            bundle = pio.renderers._build_mime_bundle(P.bars([1, 2], title="t").to_dict())
+            assert set(bundle) == {"application/vnd.plotly.v1+json", "image/png"}
+            png = Image.open(io.BytesIO(__import__("base64").b64decode(bundle["image/png"])))
+            assert png.format == "PNG" and png.size == (760, P.bars([1, 2], title="t").layout.height)
+    finally:
+        pio.renderers.default = before
