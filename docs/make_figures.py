@@ -4,8 +4,11 @@
     python docs/make_figures.py --help     # this text; writes nothing
 
 The figures are the very plotly figures :mod:`vit_lens.plot` returns, drawn to static files by
-``docs/render.py`` (plotly's own static export needs a browser, which an offline machine lacks).
-The numbers behind them are printed, so the README can quote them.
+plotly's own static export (``vit_lens.plot.save_image``: kaleido with the machine's Chromium;
+Debian / Ubuntu: ``apt-get install chromium``), the same path as every static figure of vit_lens.
+The three free photos of the labelled set come from vit_lens's built-in samples (the same photos,
+resized), so the cat map draws a sample. The numbers behind the figures are printed, so the README
+can quote them.
 
 Environment: ``VIT_LENS_CHECKPOINTS`` (default ``../shared/weights``), ``VIT_LENS_SHARED``
 (default ``../shared``).
@@ -26,7 +29,7 @@ DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
 SHARED = Path(os.environ.get("VIT_LENS_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("VIT_LENS_CHECKPOINTS", str(SHARED / "weights"))
-sys.path.insert(0, str(DOCS))
+sys.path.insert(0, str(REPO))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,10 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     parse_args(argv)  # --help prints and exits before anything is loaded or written
-    import render  # docs/render.py
-
+    import vit_lens
     from vit_lens import HookedViT, plot
     from vit_lens import class_space as cs
+
+    problem = plot.static_export_problem()
+    if problem is not None:
+        sys.exit(f"docs/make_figures.py: {problem}")
 
     t0 = time.perf_counter()
     images_dir = SHARED / "images"
@@ -56,7 +62,8 @@ def main(argv=None) -> None:
     twin = cs.random_twin(model, seed=0)
     with open(images_dir / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    paths = [images_dir / r["path"] for r in rows]
+    paths = [vit_lens.sample_image_path(Path(r["path"]).stem) if Path(r["path"]).stem in vit_lens.SAMPLE_IMAGES
+             else images_dir / r["path"] for r in rows]
     labels = torch.tensor([int(r["class_index"]) for r in rows])
     cat = next(i for i, r in enumerate(rows) if r["path"].endswith("chelsea.png"))
     images = model.preprocess(paths, mode="paper")  # the paper's preprocessing: resize, no crop
@@ -70,13 +77,13 @@ def main(argv=None) -> None:
         title=f"ViT-Ti/16: class identifiability per block ({len(labels)} labelled photos)",
     )
     fig.update_layout(yaxis_title="share of tokens whose label is top-1")
-    render.lines_svg(fig, DOCS / "identifiability.svg")
-    render.lines_png(fig, DOCS / "identifiability.png")
+    plot.save_image(fig, DOCS / "identifiability.svg")
+    plot.save_image(fig, DOCS / "identifiability.png", scale=1.5)
 
     mean, std = model.data_config["mean"], model.data_config["std"]
     fig = plot.identifiability_map(result, images, index=cat, class_names=model.class_names, mean=mean, std=std,
                                    title="ViT-Ti/16, last block: identifiability of 'tabby cat' per token")
-    render.heatmap_png(fig, DOCS / "cat_identifiability.png")
+    plot.save_image(fig, DOCS / "cat_identifiability.png", scale=1.5)
 
     # the numbers behind the figures
     table = result.summary().pivot(index="layer", columns="tokens", values="top1_rate")

@@ -1,9 +1,11 @@
 """The ``vit-lens`` command.
 
-``vit-lens identify [IMAGE|FOLDER...] [--model NAME] [--label CLASS | --labels labels.csv] [--out FILE.html]
-[--checkpoint PATH] [--baseline]`` runs the class-embedding-space analysis on images: it prints each
-image's top classes and a per-layer class-identifiability table for the [CLS] token and the image
-tokens, and writes an interactive HTML figure. With no image it runs on the built-in sample image (a
+``vit-lens identify [IMAGE|FOLDER...] [--model NAME] [--label CLASS | --labels labels.csv]
+[--out FILE.html|FILE.png] [--plotlyjs inline|cdn] [--checkpoint PATH] [--baseline]`` runs the
+class-embedding-space analysis on images: it prints each image's top classes and a per-layer
+class-identifiability table for the [CLS] token and the image tokens, and writes a report (one HTML
+page, or a PNG of the same): identifiability per block, the last block's token map over the first
+image and its top-k classes per block. With no image it runs on the built-in sample image (a
 tabby cat), or on the images listed in ``--labels``.
 
 Every input is checked (it exists and is a readable image) before the model is loaded, and all the
@@ -80,8 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="per-image target classes from a CSV with columns path,class_index (further columns "
                           "ignored; paths relative to the CSV's folder); its images are used when no IMAGE is "
                           "given, and every IMAGE given must be listed in it")
-    idp.add_argument("--out", metavar="FILE.html", default=DEFAULT_OUT,
-                     help=f"where to write the interactive figure (default {DEFAULT_OUT}; '-' for none)")
+    idp.add_argument("--out", metavar="FILE.html|FILE.png", default=DEFAULT_OUT,
+                     help=f"where to write the report (default {DEFAULT_OUT}; '-' for none): identifiability per "
+                          "block ([CLS] and image tokens, mean r and top-1 share, chance lines, the random twin with "
+                          "--baseline), the last block's token map over the first image and its top-k classes per "
+                          "block; .html is one interactive page, .png a static picture of the same (needs kaleido "
+                          "and a Chromium)")
+    idp.add_argument("--plotlyjs", choices=("inline", "cdn"), default="inline",
+                     help="for an .html report: 'inline' writes plotly.js into the file, which then works offline "
+                          "(default; about 5 MB); 'cdn' writes a small file that loads plotly.js from the internet")
     idp.add_argument("--mode", choices=("paper", "dla"), default="paper",
                      help="projection: 'paper' (each token through the final norm with its own statistics and the "
                           "classifier; default) or 'dla' (frozen final-norm scale, no bias)")
@@ -230,6 +239,7 @@ def identify_command(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise UsageError("--top-k and --batch-size must be positive")
+    _check_out(args)
     paths, per_image = _inputs(args)  # every input checked before the (slow) model load
     model = _load_model(args.model, args.checkpoint, args.device)
     if model.unembed is None:
@@ -308,17 +318,54 @@ def identify_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """``--out``: an .html page or a .png picture; a .png needs static export (checked up front)."""
+    if not args.out or args.out == "-":
+        return
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in (".html", ".htm", ".png"):
+        raise UsageError(f"--out {args.out}: write the report as FILE.html (interactive) or FILE.png (static), "
+                         "or '-' for none")
+    if suffix == ".png":
+        from vit_lens import plot
+
+        problem = plot.static_export_problem()
+        if problem is not None:
+            raise UsageError(f"--out {args.out}: {problem}; or write FILE.html instead")
+
+
 def _write_figure(model, result, args, has_cls: bool, paths, base=None) -> Path:
-    """Mean identifiability per block for each prefix token and the image tokens (random twin
-    dashed), as one standalone HTML file (hover also gives the top-1 rates)."""
+    """The report: identifiability per block (mean r and top-1 share; [CLS] and image tokens; chance
+    lines; random twin dashed), the last block's token map over the first image and its top-k classes
+    per block ([CLS], or the mean over image tokens without one), as one HTML page or one PNG."""
+    import torch
+
+    from vit_lens import class_space as cs
     from vit_lens import plot
 
-    names = model.class_names or [f"class {i}" for i in range(model.cfg.n_classes)]
-    tgt = sorted({names[int(t)] for t in result.target})
-    title = (f"{model.cfg.model_name}: class identifiability r per block ({args.mode} projection; "
-             f"target: {', '.join(tgt[:3])}{' ...' if len(tgt) > 3 else ''}; {len(paths)} image(s))")
-    fig = plot.identifiability_lines(result, base, metric="mean_r", title=title)
-    return plot.save_html(fig, args.out)
+    cfg = model.cfg
+    x = model.preprocess([str(paths[0])], mode=args.preprocess)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names_filter=cs.hook_names(model, "resid_post"))
+    if has_cls:
+        lens, label = cs.logit_lens(model, cache, mode=args.mode, positions=0)[:, 0, 0], "[CLS]"
+    else:
+        scores = cs.logit_lens(model, cache, mode=args.mode)[:, 0, cfg.n_prefix_tokens:]
+        lens, label = scores.mean(1), "image tokens' mean"
+    figs = plot.identify_report(result, base, image=x[0], lens=lens, lens_label=label, index=0,
+                                class_names=model.class_names, mean=model.data_config["mean"],
+                                std=model.data_config["std"], k=min(args.top_k, cfg.n_classes),
+                                image_name=Path(paths[0]).name)
+    n = len(paths)
+    notes = [f"model: {cfg.model_name} ({cfg.n_layers} blocks, {cfg.n_classes} classes, {cfg.n_prefix_tokens} prefix + "
+             f"{cfg.n_patches} image tokens); projection: {args.mode}; preprocessing: {args.preprocess}; "
+             f"{n} image{'s' * (n != 1)}" + ("; dashed: a random-weights twin (seed 0)" if base is not None else ""),
+             f"token map and top-k table: {paths[0]}"]
+    try:
+        return plot.save_report(figs, args.out, title=f"vit-lens identify: {cfg.model_name}", notes=notes,
+                                plotlyjs=args.plotlyjs)
+    except FileNotFoundError as e:  # no browser for a .png (after the check, e.g. removed meanwhile)
+        raise UsageError(f"--out {args.out}: {e}") from None
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -14,7 +14,17 @@ Generic figures:
 - :func:`grid_heatmap` -- a 2-D grid (layer x head, layer x position, ...).
 - :func:`topk_table` -- the top-k classes per row (e.g. per layer) as a table figure.
 - :func:`bars` -- grouped bar charts (knockout / context-ablation comparisons).
-- :func:`save_html` -- write any figure as one self-contained HTML file (plotly.js inlined).
+- :func:`save_html` -- write any figure as one self-contained HTML file (plotly.js inlined, or
+  from the CDN).
+
+Static pictures (PNG / SVG / PDF) go through plotly's own export, kaleido, with a Chrome / Chromium
+found on the machine (:func:`find_browser`; none: a ``MissingFileError`` saying how to install one):
+:func:`save_image`, :func:`to_image`, :func:`static_export_problem`; :func:`notebook_renderer` makes
+``fig.show()`` store a PNG beside the interactive figure. :func:`identify_report` and
+:func:`save_report` build the page ``vit-lens identify --out`` writes.
+
+Every figure has an explicit size, a title wrapped to it below the toolbar's band, axis and colour-bar
+titles; signed values get a diverging scale centred on 0.
 """
 
 from __future__ import annotations
@@ -50,11 +60,18 @@ __all__ = [
     "grid_heatmap",
     "identifiability_lines",
     "identifiability_map",
+    "identify_report",
     "layer_lines",
     "memory_table",
     "patching_figure",
     "position_labels",
+    "find_browser",
+    "notebook_renderer",
     "save_html",
+    "save_image",
+    "save_report",
+    "static_export_problem",
+    "to_image",
     "token_heatmap",
     "topk_table",
 ]
@@ -110,6 +127,89 @@ def _text_grid(hover_text: Any, shape: Tuple[int, ...], what: str = "hover_text"
     raise InputError(f"{what} has shape {arr.shape} but the values have shape {shape}; give one string per value")
 
 
+# Layout: every figure gets an explicit size, so titles can be wrapped to fit and tables sized to
+# show every row; the top band of ``_MODEBAR_PX`` is kept free for plotly's toolbar (in HTML it
+# appears in the top right corner on hover, where a long one-line title used to run under it).
+_TITLE_FONT = 15
+_FONT = 12
+_CHAR_EM = 0.56  # average glyph width of plotly's default font, in font sizes (conservative)
+_MODEBAR_PX = 40
+_LINE_PX = 20  # a title / annotation line at _TITLE_FONT
+
+
+def _wrap(text: Any, max_chars: int) -> list:
+    """Word-wrap ``text`` into lines of at most ``max_chars`` characters (existing ``<br>`` kept;
+    a single word longer than a line stays whole)."""
+    out: list = []
+    for para in str(text).split("<br>"):
+        line = ""
+        for word in para.split(" "):
+            if line and len(line) + 1 + len(word) > max_chars:
+                out.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        out.append(line)
+    return out
+
+
+def _chars(px: float, font: float = _FONT) -> int:
+    """How many characters of ``font`` px fit in ``px`` pixels."""
+    return max(8, int(px / (font * _CHAR_EM)))
+
+
+def _set_title(fig: "go.Figure", title: str, width: int, *, extra_top: int = 0) -> int:
+    """Wrap ``title`` to the figure's width, put it below the toolbar band and make room for it.
+
+    Returns the top margin (px) it set."""
+    lines = _wrap(title, _chars(width - 30, _TITLE_FONT)) if title else []
+    top = _MODEBAR_PX + _LINE_PX * len(lines) + 14 + extra_top
+    fig.update_layout(
+        title=dict(text="<br>".join(lines), x=0, xref="container", xanchor="left", y=1, yref="container",
+                   yanchor="top", pad=dict(t=_MODEBAR_PX, l=12), font=dict(size=_TITLE_FONT)),
+        margin=dict(t=top),
+    )
+    return top
+
+
+def _colorbar(title: str, length_px: float) -> dict:
+    """A colour bar whose title runs along its right side, wrapped to the bar's length."""
+    return dict(title=dict(text="<br>".join(_wrap(title, _chars(max(length_px, 120)))), side="right"))
+
+
+def _scale_for(arr: np.ndarray, colorscale: Optional[str], zmid: Optional[float], zmin: Optional[float],
+               zmax: Optional[float]) -> Tuple[str, Optional[float], Optional[float], Optional[float]]:
+    """Colour scale and limits: signed data (values on both sides of 0, or an explicit ``zmid``) get a
+    diverging scale centred on ``zmid`` (default 0) with symmetric limits; other data Viridis."""
+    finite = arr[np.isfinite(arr)]
+    signed = zmid is not None or (
+        colorscale is None and zmin is None and zmax is None and finite.size and finite.min() < 0 < finite.max()
+    )
+    if not signed:
+        return colorscale or "Viridis", None, zmin, zmax
+    mid = 0.0 if zmid is None else float(zmid)
+    if zmin is not None or zmax is not None:  # explicit limits: widen them to be symmetric about mid
+        lo = float(zmin) if zmin is not None else (float(finite.min()) if finite.size else mid)
+        hi = float(zmax) if zmax is not None else (float(finite.max()) if finite.size else mid)
+        m = max(abs(lo - mid), abs(hi - mid)) or 1.0
+        zmin, zmax = mid - m, mid + m
+    return colorscale or "RdBu_r", mid, zmin, zmax
+
+
+def _legend_below_title(fig: "go.Figure", names: Sequence[str], width: int) -> int:
+    """Long series names: a horizontal legend between the title and the plot (it would take half the
+    width on the right). Returns the extra top margin needed."""
+    longest = max((len(str(n)) for n in names), default=0)
+    if len(names) <= 1 or longest <= 18:
+        return 0
+    entry = int((longest + 4) * _FONT * _CHAR_EM)            # text; plotly adds ~40 px for the symbol
+    per_row = max(1, int((width - 130) // (entry + 40)))      # the legend is as wide as the plot area
+    n_rows = math.ceil(len(names) / per_row)
+    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, xanchor="left",
+                                  entrywidth=entry, entrywidthmode="pixels"))
+    return 20 * n_rows + 10
+
+
 def position_labels(cfg: Union[HookedViTConfig, HookedViT], grid_size: Optional[Tuple[int, int]] = None) -> list:
     """Readable labels for every sequence position: prefix token names, then ``"r,c"`` per patch.
 
@@ -139,6 +239,11 @@ def layer_lines(
     dashed: Sequence[str] = (),
     hover_text: Optional[Mapping[str, Sequence[str]]] = None,
     yrange: Optional[Tuple[float, float]] = None,
+    log_y: bool = False,
+    hline: Optional[float] = None,
+    hline_label: str = "",
+    width: int = 760,
+    height: int = 420,
 ) -> "go.Figure":
     """One line per named series over layers.
 
@@ -153,6 +258,11 @@ def layer_lines(
         dashed: names of series drawn with dashed lines (e.g. a random-weights baseline).
         hover_text: name -> ``[n_layers]`` extra hover lines (e.g. the top class name per layer).
         yrange: fixed y-axis range, e.g. ``(0, 1)`` for fractions.
+        log_y: a logarithmic y axis. Every value must then be positive (a 0 would not be drawn at
+            all: plot ``rank + 1`` instead of a 0-based rank, for example).
+        hline, hline_label: a dotted horizontal reference line (e.g. the chance level) and its label.
+        width, height: figure size in pixels (the plot area; the title and a legend of long names
+            add their own height).
 
     Returns:
         a plotly Figure with one ``Scatter`` trace per series, in the order given.
@@ -191,6 +301,11 @@ def layer_lines(
             err = _as_array(errors[name], f"errors[{name!r}]")
             if err.shape != arr.shape:
                 raise InputError(f"errors[{name!r}] has shape {err.shape}, expected {arr.shape}")
+        if log_y and (arr[np.isfinite(arr)] <= 0).any():
+            raise InputError(
+                f"series[{name!r}] has values <= 0, which a log axis cannot draw (they would silently "
+                "disappear); shift them (e.g. rank + 1, so that 1 = top) or use log_y=False"
+            )
         text = [f"{name}<br>{xaxis_title or 'x'} {xl}: {_fmt(v)}" for xl, v in zip(x, arr)]
         if err is not None:
             text = [t + f" ± {_fmt(e, '.3g')}" for t, e in zip(text, err)]
@@ -212,12 +327,21 @@ def layer_lines(
             )
         )
     fig.update_layout(
-        title=title, xaxis_title=xaxis_title, yaxis_title=yaxis_title, hovermode="closest", template="plotly_white"
+        xaxis_title=xaxis_title, yaxis_title=yaxis_title, hovermode="closest", template="plotly_white",
+        width=int(width), margin=dict(l=70, r=20, b=60),
     )
+    extra = _legend_below_title(fig, [str(n) for n in series], int(width))
+    top = _set_title(fig, title, int(width), extra_top=extra)
+    fig.update_layout(height=int(height) + top - 60 + (0 if extra else 0))
     if x_labels is not None and any(isinstance(v, str) for v in x):
         fig.update_xaxes(type="category")
+    if log_y:
+        fig.update_yaxes(type="log")
     if yrange is not None:
-        fig.update_yaxes(range=list(yrange))
+        fig.update_yaxes(range=[math.log10(v) for v in yrange] if log_y else list(yrange))
+    if hline is not None:
+        fig.add_hline(y=float(hline), line_dash="dot", line_color="#666",
+                      annotation_text=hline_label, annotation_position="top right")
     return fig
 
 
@@ -330,7 +454,8 @@ def token_heatmap(
     zmax: Optional[float] = None,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
-    colorbar_title: str = "",
+    colorbar_title: str = "value",
+    width: int = 560,
 ) -> "go.Figure":
     """A per-patch quantity on the token grid, upsampled to the image and overlaid on it.
 
@@ -350,10 +475,13 @@ def token_heatmap(
         title: figure title.
         hover_text: one extra hover string per patch (``[n_patches]`` or ``[rows, cols]``), e.g.
             the top class name of each patch token.
-        colorscale: plotly colour scale (default ``"RdBu_r"`` when ``zmid`` is set, else ``"Viridis"``).
-        zmid, zmin, zmax: colour-scale midpoint / limits (``zmid=0`` for signed quantities).
+        colorscale: plotly colour scale (default: the diverging ``"RdBu_r"`` centred on ``zmid``
+            when ``zmid`` is set or the values have both signs, else ``"Viridis"``).
+        zmid, zmin, zmax: colour-scale midpoint / limits (signed values are centred on 0 by
+            default, with symmetric limits).
         mean, std: the normalisation to undo for a normalised float image.
-        colorbar_title: label of the colour bar.
+        colorbar_title: label of the colour bar (what the values are).
+        width: figure width in pixels (the height follows from the image's aspect ratio).
 
     Returns:
         a Figure whose last trace is a ``Heatmap`` with ``z`` = the ``[rows, cols]`` values (row 0
@@ -384,6 +512,9 @@ def token_heatmap(
         H, W = rows, cols
         dx = dy = 1.0
         x0 = y0 = 0.0
+    colorscale, zmid, zmin, zmax = _scale_for(grid, colorscale, zmid, zmin, zmax)
+    plot_w = int(width) - 20 - 90                       # margins and colour bar
+    plot_h = plot_w * H / W
     fig.add_trace(
         go.Heatmap(
             z=grid,
@@ -392,13 +523,13 @@ def token_heatmap(
             y0=y0,
             dy=dy,
             opacity=float(opacity) if image is not None else 1.0,
-            colorscale=colorscale or ("RdBu_r" if zmid is not None else "Viridis"),
+            colorscale=colorscale,
             zmid=zmid,
             zmin=zmin,
             zmax=zmax,
             text=texts,
             hovertemplate="%{text}<extra></extra>",
-            colorbar=dict(title=dict(text=colorbar_title)),
+            colorbar=_colorbar(colorbar_title, plot_h),
             name="values",
         )
     )
@@ -408,7 +539,9 @@ def token_heatmap(
     fig.update_yaxes(
         range=[hi_y, lo_y], showgrid=False, zeroline=False, showticklabels=False, scaleanchor="x", constrain="domain"
     )
-    fig.update_layout(title=title, template="plotly_white", width=520, height=480, margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_layout(template="plotly_white", width=int(width), margin=dict(l=10, r=10, b=30))
+    top = _set_title(fig, title, int(width))
+    fig.update_layout(height=int(top + plot_h + 30))
     return fig
 
 
@@ -428,7 +561,9 @@ def grid_heatmap(
     yaxis_title: str = "",
     zmin: Optional[float] = None,
     zmax: Optional[float] = None,
-    colorbar_title: str = "",
+    colorbar_title: str = "value",
+    width: Optional[int] = None,
+    height: Optional[int] = None,
 ) -> "go.Figure":
     """A 2-D grid such as layer x head or layer x position.
 
@@ -440,8 +575,10 @@ def grid_heatmap(
         hover_text: one extra hover string per cell (``[rows, cols]``), e.g. the class a head
             writes most.
         zmid: colour-scale midpoint (``0`` for signed quantities such as logit attributions).
-        colorscale: plotly colour scale (default ``"RdBu_r"`` when ``zmid`` is set, else ``"Viridis"``).
-        zmin, zmax: colour-scale limits.
+        colorscale: plotly colour scale (default: the diverging ``"RdBu_r"`` centred on ``zmid``
+            when ``zmid`` is set or the values have both signs, else ``"Viridis"``).
+        zmin, zmax: colour-scale limits (widened to be symmetric about the midpoint for signed data).
+        width, height: figure size in pixels (default: from the number of columns and rows).
 
     Returns:
         a Figure with one ``Heatmap`` trace whose ``z`` is ``values``.
@@ -467,6 +604,10 @@ def grid_heatmap(
             if extra is not None:
                 t += f"<br>{extra[r, c]}"
             texts[r, c] = t
+    colorscale, zmid, zmin, zmax = _scale_for(arr, colorscale, zmid, zmin, zmax)
+    longest_x = max((len(v) for v in xl), default=1)
+    width = int(width) if width is not None else int(min(1100, max(620, 200 + cols * max(18, 7 * longest_x))))
+    plot_h = int(height) - 160 if height is not None else int(min(760, max(260, 26 * rows)))
     fig = go.Figure(
         go.Heatmap(
             z=arr,
@@ -475,15 +616,20 @@ def grid_heatmap(
             zmid=zmid,
             zmin=zmin,
             zmax=zmax,
-            colorscale=colorscale or ("RdBu_r" if zmid is not None else "Viridis"),
+            colorscale=colorscale,
             text=texts,
             hovertemplate="%{text}<extra></extra>",
-            colorbar=dict(title=dict(text=colorbar_title)),
+            colorbar=_colorbar(colorbar_title, plot_h),
         )
     )
-    fig.update_xaxes(type="category", title=xaxis_title)
-    fig.update_yaxes(type="category", title=yaxis_title, autorange="reversed")
-    fig.update_layout(title=title, template="plotly_white")
+    # category ticks: plotly thins crowded ones itself; long labels are kept horizontal when they fit
+    fig.update_xaxes(type="category", title=xaxis_title, automargin=True,
+                     tickangle=0 if cols * 7 * longest_x < width - 200 else -90)
+    fig.update_yaxes(type="category", title=yaxis_title, autorange="reversed", automargin=True)
+    fig.update_layout(template="plotly_white", width=width, margin=dict(l=70, r=20, b=60))
+    top = _set_title(fig, title, width)
+    bottom = 60 + (7 * min(longest_x, 12) if cols * 7 * longest_x >= width - 200 else 0)
+    fig.update_layout(height=int(height) if height is not None else top + plot_h + bottom, margin=dict(b=bottom))
     return fig
 
 
@@ -552,14 +698,31 @@ def topk_table(
     for j in range(kk):
         columns.append([f"{name(int(idx[r, j]))} ({_fmt(vals[r, j], value_format)})" for r in range(rows)])
         fills.append(["#fde7a9" if highlight is not None and int(idx[r, j]) == highlight else "white" for r in range(rows)])
+    header = [row_header] + [f"top {j + 1}" for j in range(kk)]
+    # Column widths from the text; plotly wraps long cells itself, so the rows' heights are estimated
+    # from a word wrap at a conservative glyph width: the figure is tall enough to show every row.
+    px = _FONT * _CHAR_EM
+    def width_for(texts: Sequence[str], lo: int, hi: int) -> int:
+        longest = max((len(w) for t in texts for w in str(t).split(" ")), default=4)
+        total = max((len(str(t)) for t in texts), default=4)
+        return int(min(hi, max(lo, px * max(longest, min(total, 28)) + 18)))
+    widths = [width_for(labels + [row_header], 60, 190)] + [width_for(c, 150, 220) for c in columns[1:]]
+    wrapped = [[_wrap(t, _chars(w - 16)) for t in col] for col, w in zip(columns, widths)]
+    head_lines = max(len(_wrap(h, _chars(w - 16))) for h, w in zip(header, widths))
+    row_lines = [max(len(col[r]) for col in wrapped) for r in range(rows)]
+    row_px = [20 if n == 1 else 16 * n + 14 for n in row_lines]
+    head_px = 24 if head_lines == 1 else 16 * head_lines + 14
+    fig_w = sum(widths) + 20
     fig = go.Figure(
         go.Table(
-            header=dict(values=[row_header] + [f"top {j + 1}" for j in range(kk)], fill_color="#e8eef7", align="left"),
-            cells=dict(values=columns, fill_color=fills, align="left"),
-            columnwidth=[0.6] + [2] * kk,
+            header=dict(values=header, fill_color="#e8eef7", align="left", height=24, font=dict(size=_FONT)),
+            cells=dict(values=columns, fill_color=fills, align="left", height=20, font=dict(size=_FONT)),
+            columnwidth=widths,
         )
     )
-    fig.update_layout(title=title, margin=dict(l=10, r=10, t=50, b=10), height=max(250, 60 + 28 * rows))
+    fig.update_layout(width=fig_w, margin=dict(l=10, r=10, b=10))
+    top = _set_title(fig, title, fig_w)
+    fig.update_layout(height=top + head_px + sum(row_px) + 10 + 8)
     return fig
 
 
@@ -578,6 +741,7 @@ def bars(
     baseline: Optional[float] = None,
     baseline_label: str = "baseline",
     horizontal: bool = False,
+    width: int = 760,
 ) -> "go.Figure":
     """Grouped bars, e.g. accuracy or target-class probability under different knockouts.
 
@@ -591,6 +755,7 @@ def bars(
         baseline: draw a horizontal reference line at this value (e.g. the clean accuracy).
         baseline_label: its annotation.
         horizontal: draw horizontal bars (long labels).
+        width: figure width in pixels (the height follows from the number of bars).
 
     Returns:
         a Figure with one ``Bar`` trace per series.
@@ -650,39 +815,237 @@ def bars(
         else:
             fig.add_hline(y=float(baseline), line_dash="dot", annotation_text=baseline_label)
     fig.update_layout(
-        title=title, barmode="group", template="plotly_white", showlegend=len(series) > 1,
+        barmode="group", template="plotly_white", showlegend=len(series) > 1,
         xaxis_title=yaxis_title if horizontal else xaxis_title,
         yaxis_title=xaxis_title if horizontal else yaxis_title,
+        width=int(width), margin=dict(l=70, r=20, b=60),
     )
+    extra = _legend_below_title(fig, [str(n) for n in series], int(width)) if len(series) > 1 else 0
+    if len(series) > 1 and not extra:
+        fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, xanchor="left"))
+        extra = 28
+    top = _set_title(fig, title, int(width), extra_top=extra)
     if horizontal:
-        fig.update_yaxes(type="category", autorange="reversed")
+        fig.update_yaxes(type="category", autorange="reversed", automargin=True)
+        plot_h = max(240, n * (18 * len(series) + 14))
     else:
-        fig.update_xaxes(type="category")
+        fig.update_xaxes(type="category", automargin=True)
+        plot_h = 340
+    fig.update_layout(height=top + plot_h + 70)
     return fig
 
 
 # ---------------------------------------------------------------------------------------------
 # saving
 # ---------------------------------------------------------------------------------------------
-def save_html(fig: "go.Figure", path: Union[str, os.PathLike]) -> Path:
-    """Write ``fig`` as one standalone HTML file with plotly.js inlined (opens offline).
+def _plotlyjs_option(plotlyjs: str) -> Union[bool, str]:
+    if plotlyjs not in ("inline", "cdn"):
+        raise InputError(f"plotlyjs must be 'inline' (the file works offline) or 'cdn' (a small file that loads "
+                         f"plotly.js from the internet), got {plotlyjs!r}")
+    return True if plotlyjs == "inline" else "cdn"
+
+
+def save_html(fig: "go.Figure", path: Union[str, os.PathLike], *, plotlyjs: str = "inline") -> Path:
+    """Write ``fig`` as one standalone HTML file.
 
     Args:
         fig: a plotly Figure (any function of this module returns one).
         path: the file to write (``.html`` is appended if there is no suffix); parent folders
             are created.
+        plotlyjs: ``"inline"`` (default: plotly.js, about 4.7 MB, is written into the file, which
+            then opens offline) or ``"cdn"`` (a small file that loads plotly.js from the internet).
 
     Returns:
         the absolute path written.
     """
     if not hasattr(fig, "write_html"):
         raise InputTypeError(f"save_html expects a plotly Figure, got {type(fig).__name__}")
+    include = _plotlyjs_option(plotlyjs)
     path = Path(path).expanduser()
     if not path.suffix:
         path = path.with_suffix(".html")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    fig.write_html(str(path), include_plotlyjs=include, full_html=True, config=dict(displaylogo=False))
     return path.resolve()
+
+
+# Static export (PNG / SVG / PDF) is plotly's own, through kaleido, which drives a Chromium-based
+# browser found on the machine (Debian / Ubuntu: `apt-get install chromium`). One headless browser
+# is started on first use and kept for the process (later figures take a fraction of a second).
+_BROWSER_CANDIDATES = (
+    "/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/lib/chromium/chromium", "/usr/lib/chromium-browser/chromium-browser",
+    "/snap/bin/chromium", "/usr/bin/google-chrome", "/usr/bin/google-chrome-stable", "/opt/google/chrome/chrome",
+    "/Applications/Chromium.app/Contents/MacOS/Chromium",
+    "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+)
+_INSTALL_BROWSER = (
+    "install a Chromium-based browser: `sudo apt-get install chromium` (Debian / Ubuntu), "
+    "`brew install --cask chromium` (macOS), or `plotly_get_chrome` (downloads one for plotly); "
+    "or point BROWSER_PATH at an existing Chrome / Chromium"
+)
+_export_state: dict = {}
+
+
+def find_browser() -> Optional[str]:
+    """The Chrome / Chromium executable static export will use, or ``None`` when there is none.
+
+    Looks where kaleido looks (``BROWSER_PATH``, the ``PATH``, the usual install folders, a
+    browser downloaded by ``plotly_get_chrome``), then in the folders Debian, Ubuntu (snap) and
+    macOS install Chromium to; a browser found only there is handed to kaleido via ``BROWSER_PATH``
+    (in this process only), so no variable needs to be set by hand.
+    """
+    env = os.environ.get("BROWSER_PATH")
+    if env:
+        return env if Path(env).is_file() else None
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        found = Chromium.find_browser(skip_local=False)
+    except Exception:  # pragma: no cover  (choreographer missing or changed: fall back to the list)
+        found = None
+    if found:
+        return str(found)
+    for cand in _BROWSER_CANDIDATES:
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            os.environ["BROWSER_PATH"] = cand
+            return cand
+    return None
+
+
+def static_export_problem() -> Optional[str]:
+    """Why static export (:func:`save_image`, :func:`to_image`) cannot run here, or ``None`` when it can."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return ("static export needs plotly's kaleido: pip install 'vit_lens[static]' (or pip install 'kaleido>=1'), "
+                "and a Chromium-based browser")
+    if find_browser() is None:
+        return f"static export needs a Chrome / Chromium browser and none was found: {_INSTALL_BROWSER}"
+    return None
+
+
+def _check_static_export() -> None:
+    from vit_lens.core.errors import MissingFileError
+
+    problem = static_export_problem()
+    if problem is not None:
+        raise MissingFileError(problem)
+
+
+def to_image(fig: "go.Figure", *, format: str = "png", scale: float = 1.0, width: Optional[int] = None,
+             height: Optional[int] = None) -> bytes:
+    """``fig`` drawn by plotly's static export (kaleido + a headless Chromium): the bytes of a
+    ``"png"``, ``"svg"``, ``"pdf"``, ``"jpeg"`` or ``"webp"`` file.
+
+    Args:
+        fig: a plotly Figure.
+        format: the file format.
+        scale: pixel density (2 gives a sharp PNG on high-resolution screens).
+        width, height: size in layout pixels (default: the figure's own; vit_lens figures set theirs).
+
+    Raises:
+        MissingFileError: kaleido or a browser is missing; the message says how to install them.
+    """
+    if not hasattr(fig, "to_dict"):
+        raise InputTypeError(f"expected a plotly Figure, got {type(fig).__name__}")
+    fmt = {"jpg": "jpeg"}.get(format.lower().lstrip("."), format.lower().lstrip("."))
+    if fmt not in ("png", "svg", "pdf", "jpeg", "webp"):
+        raise InputError(f"format must be one of png, svg, pdf, jpeg, webp; got {format!r}")
+    _check_static_export()
+    import warnings
+
+    import kaleido
+    import plotly.io as pio
+
+    if not _export_state.get("server"):
+        kaleido.start_sync_server(silence_warnings=True)   # one browser for the whole process
+        _export_state["server"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "kopts ignored when using a server": plotly's defaults only
+        try:
+            return pio.to_image(fig, format=fmt, scale=scale, width=width, height=height)
+        except Exception as e:
+            from vit_lens.core.errors import VitLensError
+
+            raise VitLensError(f"static export failed in the browser ({type(e).__name__}: {e}); check that "
+                               f"{find_browser()} starts (`{find_browser()} --headless --version`), or "
+                               f"{_INSTALL_BROWSER}") from e
+
+
+def save_image(fig: "go.Figure", path: Union[str, os.PathLike], *, scale: float = 2.0,
+               width: Optional[int] = None, height: Optional[int] = None) -> Path:
+    """Write ``fig`` as a static picture; the format follows the suffix (``.png``, ``.svg``,
+    ``.pdf``, ``.jpg``, ``.webp``; none: ``.png``). Parent folders are created.
+
+    Uses plotly's own static export (kaleido with the Chrome / Chromium found on the machine,
+    see :func:`find_browser`). Where there is none, raises
+    :class:`~vit_lens.core.errors.MissingFileError` saying how to install one.
+
+    Returns:
+        the absolute path written.
+    """
+    path = Path(path).expanduser()
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    data = to_image(fig, format=path.suffix, scale=scale if path.suffix.lower() not in (".svg", ".pdf") else 1.0,
+                    width=width, height=height)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path.resolve()
+
+
+def _compact_png_renderer():
+    """plotly's PNG renderer, with the PNG reduced to at most 256 colours (lossless for line charts
+    and tables; photos under a heat map keep their look at a fifth of the size), so that a notebook
+    holding many figures stays small."""
+    from plotly.io.base_renderers import MimetypeRenderer
+
+    class CompactPng(MimetypeRenderer):
+        def to_mimebundle(self, fig_dict):
+            from PIL import Image
+
+            go = _go()
+            raw = to_image(go.Figure(fig_dict), format="png", scale=1)
+            im = Image.open(io.BytesIO(raw)).convert("RGB")
+            q = im.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
+            buf = io.BytesIO()
+            q.save(buf, format="PNG", optimize=True)
+            data = min(raw, buf.getvalue(), key=len)
+            return {"image/png": base64.b64encode(data).decode("ascii")}
+
+    return CompactPng()
+
+
+def notebook_renderer(*, png: bool = True) -> str:
+    """Set plotly's notebook renderer so that every ``fig.show()`` also stores a PNG of the figure.
+
+    With ``png=True`` and static export available, figures are shown as the interactive plotly output
+    plus a PNG (at most 256 colours, to keep notebooks small):
+    interactive in JupyterLab / VS Code, and a static PNG in the saved notebook that GitHub and
+    nbviewer display. Without a browser it falls back to the interactive output alone and says why
+    (one line). Returns the renderer set.
+    """
+    import plotly.io as pio
+
+    problem = static_export_problem() if png else None
+    if png and problem is None:
+        pio.renderers["vit_lens_png"] = _compact_png_renderer()
+        name = "plotly_mimetype+vit_lens_png"
+        if not _export_state.get("server"):
+            import kaleido
+
+            kaleido.start_sync_server(silence_warnings=True)
+            _export_state["server"] = True
+        import warnings
+
+        # plotly passes its (empty) defaults to the server, which warns on every figure
+        warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+    else:
+        name = "plotly_mimetype"
+        if problem is not None:
+            print(f"vit_lens.plot: figures are interactive only (no PNG copies): {problem}")
+    pio.renderers.default = name
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,6 +1073,7 @@ def identifiability_lines(
     metric: str = "top1_rate",
     title: Optional[str] = None,
     labels: Tuple[str, str] = ("model", "random twin"),
+    chance: bool = True,
 ) -> "go.Figure":
     """Class identifiability per layer: each prefix token ([CLS], ...) vs the image tokens,
     the model vs a random twin (dashed).
@@ -722,6 +1086,8 @@ def identifiability_lines(
             or ``"mean_r"`` (mean identifiability ``1 - rank / n_classes``).
         title: figure title (a default names the metric and the hook).
         labels: legend prefixes for the model and the twin.
+        chance: draw the chance level as a dotted line: ``0.5`` for ``mean_r`` (the mean of ``r``
+            when the target's rank is uniformly random), ``1 / n_classes`` for ``top1_rate``.
 
     Returns:
         a :func:`layer_lines` figure, y in [0, 1], one line per token group and model; the hover
@@ -752,16 +1118,28 @@ def identifiability_lines(
             if res is random:
                 dashed.append(name)
     what = "share of tokens whose target class is top-1" if metric == "top1_rate" else "mean class identifiability r"
-    return layer_lines(
+    level = (0.5 if metric == "mean_r" else 1.0 / result.n_classes) if chance else None
+    fig = layer_lines(
         series,
         x_labels=x_labels,
         dashed=dashed,
         hover_text=hover,
         yrange=(0, 1.02),
-        title=title if title is not None else f"Class identifiability per layer ({result.hook})",
+        title=title if title is not None else f"Class identifiability per block ({result.hook})",
         yaxis_title=what,
         xaxis_title="block",
+        hline=level,
+        hline_label=("chance: 0.5" if metric == "mean_r" else f"chance: 1/{result.n_classes}") if chance else "",
     )
+    # one colour per token group, the same for the model and its twin (which is dashed)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
+    groups: list = []
+    for tr in fig.data:
+        g = str(tr.name).split(": ", 1)[-1]
+        if g not in groups:
+            groups.append(g)
+        tr.line.color = palette[groups.index(g) % len(palette)]
+    return fig
 
 
 def identifiability_map(
@@ -815,9 +1193,145 @@ def identifiability_map(
     return token_heatmap(
         r, image, grid_size=grid_size, opacity=opacity, hover_text=hover,
         zmin=float(r.min()) if zmin is None else float(zmin), zmax=1.0,
-        colorscale="Viridis", mean=mean, std=std, colorbar_title="r",
+        colorscale="Viridis", mean=mean, std=std, colorbar_title="identifiability r = 1 - rank / n_classes",
         title=title if title is not None else f"Identifiability of '{name}' after block {block} ({result.hook})",
     )
+
+
+def identify_report(
+    result: "IdentifiabilityResult",
+    random: Optional["IdentifiabilityResult"] = None,
+    *,
+    image: Any = None,
+    lens: Any = None,
+    lens_label: str = "[CLS]",
+    index: int = 0,
+    class_names: Optional[Sequence[str]] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    k: int = 5,
+    image_name: str = "",
+) -> list:
+    """The figures of one identifiability report (what ``vit-lens identify --out report.html`` writes).
+
+    Args:
+        result: :func:`vit_lens.class_space.identify` of the model on the images.
+        random: the same for a random-weights twin (drawn dashed), or ``None``.
+        image: the image ``index`` the model saw, for the token map (see :func:`token_heatmap`),
+            or the normalised batch; ``None`` leaves the map out.
+        lens: ``[n_blocks, n_classes]`` class scores of one token per block for image ``index``
+            (e.g. ``class_space.logit_lens(model, cache, positions=0)[:, 0, 0]``), for the top-k
+            table; ``None`` leaves the table out.
+        lens_label: which token ``lens`` reads (named in the table's title).
+        index: which image the map and the table show.
+        class_names: e.g. ``model.class_names``.
+        mean, std: the normalisation to undo for a normalised ``image``.
+        k: classes per block in the table.
+        image_name: the image's name for the titles (e.g. its file name).
+
+    Returns:
+        a list of figures: mean identifiability ``r`` per block (chance 0.5), the share of tokens
+        whose target class is top-1 per block (chance ``1 / n_classes``), the last block's
+        identifiability of every image token over the image, and the top-``k`` classes per block.
+    """
+    n_img = int(result.rank.shape[1])
+    names = class_names if class_names is not None else None
+    tgt = sorted({(names[int(t)] if names is not None else f"class {int(t)}") for t in result.target})
+    on = f"{n_img} image{'s' * (n_img != 1)}; target: {', '.join(tgt[:3])}{' ...' if len(tgt) > 3 else ''}"
+    figs = [
+        identifiability_lines(result, random, metric="mean_r",
+                              title=f"Mean class identifiability r = 1 - rank / n_classes per block ({on})"),
+        identifiability_lines(result, random, metric="top1_rate",
+                              title=f"Share of tokens whose target class is top-1, per block ({on})"),
+    ]
+    which = f" of {image_name}" if image_name else (f" of image {index + 1}" if n_img > 1 else "")
+    t = int(result.target[index])
+    tname = names[t] if names is not None else f"class {t}"
+    if image is not None:
+        figs.append(identifiability_map(
+            result, image, index=index, class_names=names, mean=mean, std=std,
+            title=f"Identifiability of '{tname}' in every image token{which}, after block {result.layers[-1]} "
+                  "(1 = the target class is the token's top-1 class)"))
+    if lens is not None:
+        arr = _as_array(lens, "lens")
+        if arr.ndim != 2 or arr.shape[0] != len(result.layers):
+            raise InputError(f"lens must be [n_blocks={len(result.layers)}, n_classes], got shape {arr.shape}")
+        figs.append(topk_table(arr, k=k, class_names=names, highlight=t,
+                               row_labels=[f"block {l}" for l in result.layers],
+                               title=f"Top-{k} classes of the {lens_label} token{which} after each block "
+                                     f"('{tname}' shaded)"))
+    return figs
+
+
+def save_report(
+    figures: Sequence["go.Figure"],
+    path: Union[str, os.PathLike],
+    *,
+    title: str = "",
+    notes: Sequence[str] = (),
+    plotlyjs: str = "inline",
+) -> Path:
+    """Write several figures as one report: an HTML page (``.html``), or one static picture of
+    the same figures stacked top to bottom (``.png``, through :func:`to_image`).
+
+    Args:
+        figures: plotly figures, in order.
+        path: ``report.html`` or ``report.png``.
+        title: the page's heading.
+        notes: lines of text under the heading (e.g. the model and the preprocessing).
+        plotlyjs: for HTML, ``"inline"`` (default; the page works offline) or ``"cdn"``.
+
+    Returns:
+        the absolute path written.
+    """
+    import html as _html
+
+    figures = list(figures)
+    if not figures or not all(hasattr(f, "to_html") for f in figures):
+        raise InputTypeError("figures must be a non-empty list of plotly Figures")
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in (".html", ".htm", ".png"):
+        raise InputError(f"a report is written as .html or .png, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".png":
+        from PIL import Image
+
+        go = _go()
+        parts = []
+        if title or notes:
+            width = max(int(f.layout.width or 700) for f in figures)
+            lines = [f"<b>{_html.escape(title)}</b>"] if title else []
+            for n in notes:
+                lines += _wrap(_html.escape(n), _chars(width - 40))
+            head = go.Figure()
+            head.add_annotation(text="<br>".join(lines), x=0, y=1, xref="paper", yref="paper", xanchor="left",
+                                yanchor="top", showarrow=False, align="left", font=dict(size=14))
+            head.update_xaxes(visible=False)
+            head.update_yaxes(visible=False)
+            head.update_layout(width=width, height=30 + 20 * len(lines), margin=dict(l=12, r=12, t=10, b=10),
+                               template="plotly_white")
+            parts.append(head)
+        ims = [Image.open(io.BytesIO(to_image(f, format="png", scale=1))).convert("RGB") for f in parts + figures]
+        canvas = Image.new("RGB", (max(i.width for i in ims), sum(i.height for i in ims)), "white")
+        y = 0
+        for im in ims:
+            canvas.paste(im, (0, y))
+            y += im.height
+        canvas.save(path, format="PNG", optimize=True)
+        return path.resolve()
+    include = _plotlyjs_option(plotlyjs)
+    body = [f"<h1>{_html.escape(title)}</h1>" if title else ""]
+    body += [f"<p>{_html.escape(n)}</p>" for n in notes]
+    for i, f in enumerate(figures):
+        body.append(f.to_html(full_html=False, include_plotlyjs=include if i == 0 else False,
+                              config=dict(displaylogo=False)))
+    page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + _html.escape(title or "vit_lens report")
+            + "</title><style>body{font-family:sans-serif;margin:16px;max-width:1200px} h1{font-size:20px}"
+              " p{margin:4px 0;color:#333} .plotly-graph-div{margin:12px 0}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+    path.write_text(page, encoding="utf-8")
+    return path.resolve()
 
 
 def _class_by_name(name: str, names: Optional[Sequence[str]]) -> int:
@@ -955,7 +1469,7 @@ def dla_figure(
         d0, d1 = result.dims
         return grid_heatmap(
             v, y_labels=labels_of(d0, v.shape[0]), x_labels=labels_of(d1, v.shape[1]), zmid=0,
-            title=head, yaxis_title=d0, xaxis_title=d1, colorbar_title="logit",
+            title=head, yaxis_title=d0, xaxis_title=d1, colorbar_title="direct logit contribution",
             hover_text=[[hover_line] * v.shape[1] for _ in range(v.shape[0])],
         )
     raise InputError(
@@ -1041,14 +1555,18 @@ def patching_figure(
     hook = getattr(result, "hook", "") or ""
     if component is not None:
         hook = f"{component} ({hook})" if hook else component
+    # in titles a hook template names the hook of every block: "blocks.{l}.attn.hook_z" -> "attn.hook_z"
+    shown = hook.replace("blocks.{l}.", "") if "{l}" in hook else hook
     what = "normalised metric (0 = corrupted, 1 = clean)" if normalized else f"metric {getattr(result, 'metric', '')}"
     which = f"image {index}" if index is not None else (f"mean over {B} images" if B > 1 else "1 image")
-    head = title if title is not None else f"Patching {hook}: {what}, {which}"
+    head = title if title is not None else f"Patching {shown} of each block: {what}, {which}"
+    cbar = "patching effect (0 = corrupted, 1 = clean)" if normalized else f"metric {getattr(result, 'metric', '')}"
     labels = {d: [str(c) for c in coords.get(d, range(v.shape[k]))] for k, d in enumerate(dims)}
     finite = v[torch.isfinite(v)]
-    # normalised values: the colour scale spans at least 0 (corrupted) .. 1 (clean)
-    zlim = (min(0.0, float(finite.min())) if finite.numel() else 0.0,
-            max(1.0, float(finite.max())) if finite.numel() else 1.0) if normalized else (None, None)
+    # normalised values are signed (below 0: worse than corrupted): a diverging scale centred on 0 that
+    # spans at least -1 .. 1, so 1 (clean) is always the same red
+    m = max(1.0, float(finite.abs().max()) if finite.numel() else 1.0)
+    zlim = (-m, m) if normalized else (None, None)
     if len(dims) == 1:
         return bars(v, labels=labels[dims[0]], title=head, xaxis_title=dims[0], yaxis_title=what)
     if len(dims) != 2:
@@ -1069,9 +1587,11 @@ def patching_figure(
         if hasattr(image, "ndim") and image.ndim == 4:
             image = image[index if index is not None else 0]
         fig = token_heatmap(
-            grid.reshape(rows, cols), image, opacity=opacity, mean=mean, std=std, colorbar_title="",
-            zmid=0.0 if not normalized else None, zmin=zlim[0], zmax=zlim[1],
-            title=head.replace(hook, hook.replace("{l}", str(layer)), 1) if "{l}" in hook else f"{head}, block {layer}",
+            grid.reshape(rows, cols), image, opacity=opacity, mean=mean, std=std, colorbar_title=cbar,
+            zmid=0.0, zmin=zlim[0], zmax=zlim[1],
+            title=(title if title is not None else
+                   f"Patching {hook.replace('{l}', str(layer))}: {what}, {which}") if "{l}" in hook
+            else f"{head}, block {layer}",
         )
         if prefix:
             fig.add_annotation(text="; ".join(prefix), xref="paper", yref="paper", x=0, y=-0.04, showarrow=False)
@@ -1079,7 +1599,7 @@ def patching_figure(
     d0, d1 = dims
     return grid_heatmap(
         v, y_labels=labels[d0], x_labels=labels[d1], title=head, yaxis_title=d0, xaxis_title=d1,
-        zmin=zlim[0], zmax=zlim[1], zmid=None if normalized else 0.0, colorbar_title="",
+        zmin=zlim[0], zmax=zlim[1], zmid=0.0, colorbar_title=cbar,
     )
 
 
@@ -1111,6 +1631,8 @@ def context_figure(
     mean = frame.groupby(["tokens", "context", "layer"], sort=True)[value].mean()
     n_img = frame["image"].nunique() if "image" in cols else None
     suffix = f" (mean over {n_img} images)" if n_img and n_img > 1 else ""
+    axis = {"identifiable_rate": "share of tokens whose target class is top-1",
+            "mean_r": "mean class identifiability r"}.get(value, value)
     label = {"class": "class-labelled tokens", "context": "context tokens"}
     other = {"class": "context", "context": "class-labelled tokens"}
     if layer is None:
@@ -1121,7 +1643,7 @@ def context_figure(
             if ctx == "without":
                 dashed.append(name)
             x = list(s.droplevel([0, 1]).sort_index().index)
-        return layer_lines(series, x_labels=x, dashed=dashed, xaxis_title="block", yaxis_title=value,
+        return layer_lines(series, x_labels=x, dashed=dashed, xaxis_title="block", yaxis_title=axis,
                            title=title if title is not None else f"Context ablation: {value} per block{suffix}")
     layers = sorted(frame["layer"].unique())
     if layer not in layers:
@@ -1129,7 +1651,7 @@ def context_figure(
     at = mean.xs(layer, level="layer").unstack("context")          # rows: tokens, columns: with/without
     at.index = [label.get(t, t) for t in at.index]
     at.columns = [f"{c} the rest" for c in at.columns]
-    return bars(at, yaxis_title=value,
+    return bars(at, yaxis_title=axis, xaxis_title="tokens",
                 title=title if title is not None else f"Context ablation after block {layer}: {value}{suffix}")
 
 
