@@ -13,6 +13,7 @@ import io
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -74,6 +75,16 @@ def _figures() -> dict:
         "context_figure_bars": P.context_figure(_context_frame(), layer=2),
         "memory_table": P.memory_table(mem, "tabby cat", k=3),
     }
+    from vit_lens.edges import Edge, EdgeResult
+
+    edges = [Edge("input", "a0.h0<q>"), Edge("a0.h0", "m0"), Edge("m0", "logits")]
+    est = EdgeResult(edges, torch.tensor([[0.2], [0.5], [-0.1]]), clean=torch.tensor([1.0]),
+                     corrupted=torch.tensor([0.0]), method="attribution")
+    ex = EdgeResult(edges, torch.tensor([[0.25], [0.4], [0.1]]), clean=torch.tensor([1.0]), corrupted=torch.tensor([0.0]))
+    figs["edge_scatter"] = P.edge_scatter(est, ex)
+    figs["faithfulness_figure"] = P.faithfulness_figure(
+        {"attribution": pd.DataFrame({"k": [1, 10, 100], "recovered": [0.05, 0.3, 0.9]}),
+         "exact ranking": pd.DataFrame({"k": [1, 10, 100], "recovered": [0.1, 0.4, 0.95]})})
     for i, f in enumerate(P.identify_report(ident, twin, image=image, lens=torch.randn(3, 10, generator=g),
                                             class_names=[f"c{i}" for i in range(10)])):
         figs[f"identify_report_{i}"] = f

@@ -1692,8 +1692,13 @@ def edge_scatter(estimate: Any, exact: Any, *, title: Optional[str] = None) -> "
     hi = max(max(p[2], p[3]) for p in pts)
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line=dict(dash="dot", color="gray")))
     method = getattr(estimate, "method", "estimate")
-    fig.update_layout(title=title if title is not None else f"Edge effects: {method} vs exact ({len(pts)} edges)",
-                      xaxis_title="exact effect", yaxis_title=f"{method} effect")
+    width = 620
+    fig.update_layout(template="plotly_white", width=width, xaxis_title="exact effect of patching the edge",
+                      yaxis_title=f"{method} estimate", margin=dict(l=80, r=20, b=60))
+    extra = _legend_below_title(fig, kinds + ["y = x"], width)
+    top = _set_title(fig, title if title is not None else f"Edge effects: {method} vs exact ({len(pts)} edges)",
+                     width, extra_top=extra)
+    fig.update_layout(height=top + 480)
     return fig
 
 
@@ -1715,8 +1720,15 @@ def faithfulness_figure(frames: Mapping[str, Any], *, title: Optional[str] = Non
             raise InputError(f"frames[{name!r}] must have columns 'k' and 'recovered' (from faithfulness_curve); it has {sorted(cols)}")
         curve = df.groupby("k").recovered.mean().sort_index()
         fig.add_trace(go.Scatter(x=list(curve.index), y=curve.to_numpy(), mode="lines+markers", name=str(name)))
-    fig.update_layout(title=title if title is not None else "Faithfulness: top-k edges kept, the rest corrupted",
-                      xaxis_title="edges kept", yaxis_title="share of the gap recovered", xaxis_type="log")
+    width = 620
+    fig.update_layout(template="plotly_white", width=width, xaxis_title="edges kept (log scale)",
+                      yaxis_title="share of the gap recovered", xaxis_type="log", margin=dict(l=80, r=20, b=60))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="gray", annotation_text="clean")
+    fig.add_hline(y=0.0, line_dash="dot", line_color="gray", annotation_text="corrupted")
+    extra = _legend_below_title(fig, [str(n) for n in frames], width)
+    top = _set_title(fig, title if title is not None else "Faithfulness: top-k edges kept, the rest corrupted",
+                     width, extra_top=extra)
+    fig.update_layout(height=top + 440)
     return fig
 
 
