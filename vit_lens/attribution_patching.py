@@ -63,10 +63,12 @@ __all__ = [
     "METHODS",
     "NeuronRuns",
     "NodeGradients",
+    "agreement",
     "attribution_sweep",
     "exact_neuron_sweep",
     "neuron_attribution_sweep",
     "node_gradients",
+    "resolve_method",
 ]
 
 #: The ``method=`` values of the patching sweeps.
@@ -550,3 +552,61 @@ def resolve_method(method: Union[str, None]) -> str:
         raise InputError(f"method must be one of {METHODS} ('exact': patched runs; 'attribution': the first-order "
                          f"estimate from one backward pass; 'attribution_qk': with AtP*'s QK fix), got {method!r}")
     return str(method)
+
+
+# =============================================================================================
+# comparing an estimate with the exact sweep
+# =============================================================================================
+def _effects(res: Any) -> Tensor:
+    """``values - corrupted`` as ``[batch, cells]`` (float64)."""
+    i = res.dims.index("batch")
+    v = res.values.double().movedim(i, -1)
+    return (v - res.corrupted.double()).reshape(-1, v.shape[-1]).T
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """Ranks along the last axis, ties averaged (for Spearman's rho)."""
+    import pandas as pd
+
+    return torch.as_tensor(pd.DataFrame(x.numpy().T).rank(method="average").to_numpy().T.copy())
+
+
+def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    den = (a.norm(dim=-1) * b.norm(dim=-1))
+    return torch.where(den > 0, (a * b).sum(-1) / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
+
+
+def agreement(reference: Any, estimate: Any, *, k: int = 10):
+    r"""How well ``estimate`` (an attribution result) ranks the cells of ``reference`` (the exact
+    result of the same sweep), per image.
+
+    Both are :class:`~vit_lens.patching.PatchingResult`\ s of the same shape. The effect of a
+    cell is ``value - corrupted``. Returns a tidy :class:`pandas.DataFrame`, one row per image:
+    ``spearman`` (rank correlation of the effects over all cells), ``pearson``, ``topk`` (share of
+    the ``k`` cells with the largest ``|effect|`` in ``reference`` that are also among the ``k``
+    largest in ``estimate``), ``sign`` (share of those ``k`` reference cells whose estimated effect
+    has the right sign), ``k``, ``n_cells``, plus ``hook``, ``method`` and ``metric``.
+    """
+    import pandas as pd
+
+    if tuple(reference.values.shape) != tuple(estimate.values.shape) or reference.dims != estimate.dims:
+        raise InputError(f"the two results must come from the same sweep: shapes {tuple(reference.values.shape)} "
+                         f"{reference.dims} vs {tuple(estimate.values.shape)} {estimate.dims}")
+    er, ee = _effects(reference), _effects(estimate)
+    n = er.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise InputError(f"k must be an int in 1..{n} (the number of cells), got {k!r}")
+    spear = _pearson(_ranks(er), _ranks(ee))
+    pear = _pearson(er, ee)
+    top_r = er.abs().topk(k, dim=-1).indices
+    top_e = ee.abs().topk(k, dim=-1).indices
+    overlap = [len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(top_r, top_e)]
+    sign = (torch.sign(er.gather(-1, top_r)) == torch.sign(ee.gather(-1, top_r))).double().mean(-1)
+    return pd.DataFrame({
+        "batch": reference.coords.get("batch", list(range(er.shape[0]))),
+        "hook": reference.hook, "method": estimate.method, "metric": reference.metric,
+        "spearman": spear.numpy(), "pearson": pear.numpy(), "topk": overlap, "sign": sign.numpy(),
+        "k": k, "n_cells": n,
+    })
