@@ -375,11 +375,12 @@ def _real_pairs(model, labelled_images, n=2):
 
 
 # measured levels (experiments/attribution_agreement.py, README "Attribution patching"), minus a margin
+# (hook, method): minimum mean Spearman over the 2 pairs of the layer x head sweep; measured (2026-12-01):
+# ViT-Ti 0.656 / 0.567 / 0.712, DeiT-Ti 0.723 / 0.721 / 0.854 (mean top-5 overlap 0.5 / 0.3 / 0.4, 0.6 / 0.6 / 0.8)
 REAL_LEVELS = {
-    # (hook, method): minimum mean Spearman over the 2 pairs of the head sweep
-    ("attn.hook_z", "attribution"): None,
-    ("attn.hook_k", "attribution"): None,
-    ("attn.hook_k", "attribution_qk"): None,
+    ("attn.hook_z", "attribution"): {"real_vit": 0.5, "real_deit": 0.55},
+    ("attn.hook_k", "attribution"): {"real_vit": 0.4, "real_deit": 0.55},
+    ("attn.hook_k", "attribution_qk"): {"real_vit": 0.55, "real_deit": 0.7},
 }
 
 
@@ -393,7 +394,8 @@ def test_real_checkpoints_rank_heads_like_exact_patching(request, labelled_image
         for method in ("attribution", "attribution_qk"):
             est = patch_heads_sweep(model, clean, corr, metric, hook=hook, progress=False, method=method)
             got[(hook, method)] = agreement(ex, est, k=5)
-    print({k: (round(v.spearman.mean(), 3), round(v.topk.mean(), 2)) for k, v in got.items()})
     for key, level in REAL_LEVELS.items():
-        if level is not None:
-            assert got[key].spearman.mean() >= level[which], (key, got[key])
+        assert got[key].spearman.mean() >= level[which], (key, got[key])
+    # the QK fix helps key patches (measured +0.15 / +0.13 in mean Spearman); it changes nothing for hook_z
+    assert got[("attn.hook_k", "attribution_qk")].spearman.mean() > got[("attn.hook_k", "attribution")].spearman.mean()
+    assert (got[("attn.hook_z", "attribution_qk")].spearman == got[("attn.hook_z", "attribution")].spearman).all()
