@@ -202,13 +202,13 @@ def node_gradients(
             with torch.no_grad():
                 want = sorted(set(names) | ({mname} if mname else set()))
                 c_logits, c_cache = model.run_with_cache(c, names_filter=want)
-                cms.append(call_metric(metric, c_logits, c_cache[mname] if mname else None).detach())
+                cms.append(_metric_rows(metric, c_logits, c_cache[mname] if mname else None, s, B).detach())
             for n in names:
                 out_clean[n].append(c_cache[n].detach())
             grads: Dict[str, Tensor] = {}
             for i in range(ig_steps):
                 x = k if i == 0 else k + (i / ig_steps) * (c - k)
-                acts, m = _grad_forward(model, x, metric, names, mname)
+                acts, m = _grad_forward(model, x, metric, names, mname, s, B)
                 if i == 0:
                     kms.append(m.detach())
                     for n in names:
@@ -224,7 +224,22 @@ def node_gradients(
     return NodeGradients(cat(out_clean), cat(out_corr), cat(out_grad), torch.cat(cms), torch.cat(kms))
 
 
-def _grad_forward(model: Any, x: Tensor, metric: Metric, names: Sequence[str], mname: Optional[str]):
+def _metric_rows(metric: Metric, logits: Tensor, act: Optional[Tensor], start: int, batch: int) -> Tensor:
+    """The metric of rows ``start ..`` of the full batch, from a chunk of them: the chunk is placed in a
+    full-batch tensor (zeros elsewhere) so that per-image targets line up with their images."""
+    def full(t: Tensor) -> Tensor:
+        n = t.shape[0]
+        if n == batch:
+            return t
+        z = t.detach().new_zeros((batch - n, *t.shape[1:]))
+        return torch.cat([z[:start], t, z[start:]], 0)
+
+    out = call_metric(metric, full(logits), None if act is None else full(act))
+    return out[start : start + logits.shape[0]]
+
+
+def _grad_forward(model: Any, x: Tensor, metric: Metric, names: Sequence[str], mname: Optional[str], start: int = 0,
+                  batch: Optional[int] = None):
     acts: Dict[str, Tensor] = {}
 
     def capture(act: Tensor, hook: Any) -> Tensor:
@@ -236,7 +251,7 @@ def _grad_forward(model: Any, x: Tensor, metric: Metric, names: Sequence[str], m
     wanted = list(names) + ([mname] if mname and mname not in names else [])
     with torch.enable_grad(), model.hooks(fwd_hooks=[(n, capture) for n in wanted]):
         logits = model(x)
-        m = call_metric(metric, logits, acts.get(mname) if mname else None)
+        m = _metric_rows(metric, logits, acts.get(mname) if mname else None, start, batch or logits.shape[0])
     return acts, m
 
 
