@@ -388,6 +388,8 @@ REAL_LEVELS = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.real
 @pytest.mark.parametrize("which", ["real_vit", "real_deit"])
 def test_real_checkpoints_rank_heads_like_exact_patching(request, labelled_images, which):
     model = request.getfixturevalue(which)
