@@ -82,6 +82,10 @@ def _figures() -> dict:
                      corrupted=torch.tensor([0.0]), method="attribution")
     ex = EdgeResult(edges, torch.tensor([[0.25], [0.4], [0.1]]), clean=torch.tensor([1.0]), corrupted=torch.tensor([0.0]))
     figs["edge_scatter"] = P.edge_scatter(est, ex)
+    import dataclasses
+
+    heads_est = dataclasses.replace(heads, values=heads.values * 0.8 + 0.1, method="attribution_qk")
+    figs["attribution_comparison_figure"] = P.attribution_comparison_figure(heads, heads_est)
     figs["faithfulness_figure"] = P.faithfulness_figure(
         {"attribution": pd.DataFrame({"k": [1, 10, 100], "recovered": [0.05, 0.3, 0.9]}),
          "exact ranking": pd.DataFrame({"k": [1, 10, 100], "recovered": [0.1, 0.4, 0.95]})})

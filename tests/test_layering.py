@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "vit_lens"
-ANALYSES = ("class_space", "attribution", "patching", "ablation", "explain", "probing", "edges")
+ANALYSES = ("class_space", "attribution", "patching", "ablation", "explain", "probing", "edges", "attribution_patching")
 
 
 def _module_of(path: Path) -> str:

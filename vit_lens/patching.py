@@ -79,6 +79,7 @@ __all__ = [
     "patch_block_every",
     "patch_components_sweep",
     "patch_heads_sweep",
+    "patch_neurons_sweep",
     "patch_positions_sweep",
     "patching_hooks",
     "position_labels",
@@ -458,6 +459,8 @@ class PatchingResult:
         hook: what was patched (a hook name template such as ``"blocks.{l}.hook_resid_pre"``).
         metric: the metric's name.
         n_prefix_tokens, grid_size: the token layout, for :meth:`grid`.
+        method: ``"exact"`` (patched runs) or ``"attribution"`` / ``"attribution_qk"`` (first-order
+            estimates, ``values = corrupted + estimated effect``; :mod:`vit_lens.attribution_patching`).
     """
 
     values: Tensor
@@ -471,6 +474,7 @@ class PatchingResult:
     n_prefix_tokens: int = 1
     grid_size: Tuple[int, int] = (1, 1)
     prefix_token_names: List[str] = field(default_factory=list)
+    method: str = "exact"
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -873,6 +877,7 @@ def patch_positions_sweep(
     layers: Union[None, int, Iterable[int]] = None,
     positions: Positions = None,
     options: Optional[SweepOptions] = None,
+    method: str = "exact",
     **sweep: Any,
 ) -> PatchingResult:
     """Layer x position sweep: patch one position of one block's activation per run.
@@ -895,6 +900,10 @@ def patch_positions_sweep(
             ``skip_unchanged=`` are accepted too (see :class:`SweepOptions`: e.g. ``skip_unchanged``
             does not run patches that write the value already there, such as the [CLS] token of
             block 0 when both runs share it; their result is the corrupted baseline).
+        method: ``"exact"`` (default: patched runs), ``"attribution"`` (first-order estimate of
+            every run from one backward pass; also ``ig_steps=k``) or ``"attribution_qk"`` (with
+            AtP*'s QK fix for query / key / score patches); see
+            :mod:`vit_lens.attribution_patching`. The same result type either way.
 
     Returns:
         a :class:`PatchingResult` with dims ``("layer", "pos", "batch")``.
@@ -906,7 +915,7 @@ def patch_positions_sweep(
     for g in groups:
         if _layout(g.hook) not in ("pos", "pos_head"):
             raise InputError(f"{g.hook} has no position axis to sweep; use patch_heads_sweep or another hook")
-    vals, cm, km = run_sweep(model, clean, corrupted, metric, groups, options=options, desc=f"patching {hook}", **sweep)
+    vals, cm, km = _sweep_by(method, model, clean, corrupted, metric, groups, options=options, desc=f"patching {hook}", **sweep)
     labels = position_labels(model, grid_of(model, clean))
     return PatchingResult(
         values=vals.view(len(layers), K, -1),
@@ -916,6 +925,7 @@ def patch_positions_sweep(
         corrupted=km,
         hook=hook_name(model, hook, layers[0]).replace(f"blocks.{layers[0]}.", "blocks.{l}.", 1),
         metric=_metric_name(metric),
+        method=method,
         positions=pos_idx,
         **_base_result(model, clean),
     )
@@ -932,6 +942,7 @@ def patch_heads_sweep(
     heads: Union[None, Sequence[int]] = None,
     positions: Positions = None,
     options: Optional[SweepOptions] = None,
+    method: str = "exact",
     **sweep: Any,
 ) -> PatchingResult:
     """Layer x head sweep: patch one head's output (at ``positions``, default all) per run.
@@ -961,7 +972,7 @@ def patch_heads_sweep(
         if _layout(name) not in ("pos_head", "head_qk"):
             raise InputError(f"{name} has no head axis; use one of attn.hook_q/k/v/z/result/pattern/attn_scores")
         groups.append(PatchRuns(name, pm, head_masks, K))
-    vals, cm, km = run_sweep(model, clean, corrupted, metric, groups, options=options, desc=f"patching {hook} heads", **sweep)
+    vals, cm, km = _sweep_by(method, model, clean, corrupted, metric, groups, options=options, desc=f"patching {hook} heads", **sweep)
     return PatchingResult(
         values=vals.view(len(layers), K, -1),
         dims=("layer", "head", "batch"),
@@ -970,6 +981,7 @@ def patch_heads_sweep(
         corrupted=km,
         hook=groups[0].hook.replace(f"blocks.{layers[0]}.", "blocks.{l}.", 1),
         metric=_metric_name(metric),
+        method=method,
         **_base_result(model, clean),
     )
 
@@ -984,6 +996,7 @@ def patch_block_every(
     layers: Union[None, int, Iterable[int]] = None,
     positions: Positions = None,
     options: Optional[SweepOptions] = None,
+    method: str = "exact",
     **sweep: Any,
 ) -> PatchingResult:
     """Per-component layer x position sweeps (residual stream, attention output, MLP output).
@@ -995,7 +1008,7 @@ def patch_block_every(
     pos_idx, pos_masks = _one_position_per_run(model, positions, clean)
     K = pos_idx.numel()
     groups = [PatchRuns(hook_name(model, c, l), pos_masks, None, K) for c in components for l in layers]
-    vals, cm, km = run_sweep(model, clean, corrupted, metric, groups, options=options, desc="patching components", **sweep)
+    vals, cm, km = _sweep_by(method, model, clean, corrupted, metric, groups, options=options, desc="patching components", **sweep)
     labels = position_labels(model, grid_of(model, clean))
     return PatchingResult(
         values=vals.view(len(components), len(layers), K, -1),
@@ -1010,6 +1023,7 @@ def patch_block_every(
         corrupted=km,
         hook="blocks.{l}.{component}",
         metric=_metric_name(metric),
+        method=method,
         positions=pos_idx,
         **_base_result(model, clean),
     )
@@ -1025,6 +1039,7 @@ def patch_components_sweep(
     layers: Union[None, int, Iterable[int]] = None,
     positions: Positions = None,
     options: Optional[SweepOptions] = None,
+    method: str = "exact",
     **sweep: Any,
 ) -> PatchingResult:
     """Component x layer sweep: patch a whole component (at ``positions``, default all) per run.
@@ -1036,7 +1051,7 @@ def patch_components_sweep(
     grid = grid_of(model, clean)
     pm = None if positions is None else position_mask(model, positions, grid_size=grid)[None]
     groups = [PatchRuns(hook_name(model, c, l), pm, None, 1) for c in components for l in layers]
-    vals, cm, km = run_sweep(model, clean, corrupted, metric, groups, options=options, desc="patching components", **sweep)
+    vals, cm, km = _sweep_by(method, model, clean, corrupted, metric, groups, options=options, desc="patching components", **sweep)
     return PatchingResult(
         values=vals.view(len(components), len(layers), -1),
         dims=("component", "layer", "batch"),
@@ -1045,5 +1060,98 @@ def patch_components_sweep(
         corrupted=km,
         hook="blocks.{l}.{component}",
         metric=_metric_name(metric),
+        method=method,
+        **_base_result(model, clean),
+    )
+
+
+# =============================================================================================
+# attribution patching (vit_lens.attribution_patching) and the neuron sweep
+# =============================================================================================
+def hook_layout(name: str) -> str:
+    """How a hook's activation is laid out: ``"pos"`` ``[B, P, ...]``, ``"pos_head"`` ``[B, P, H, E]``,
+    ``"head_qk"`` ``[B, H, Pq, Pk]`` or ``"none"`` ``[B, D]``."""
+    return _layout(name)
+
+
+def call_metric(metric: Metric, logits: Tensor, activation: Optional[Tensor]) -> Tensor:
+    """``metric(logits)`` (or ``metric(logits, activation)`` for a metric with a ``hook_name``),
+    checked to give one value per image ``[..., batch]``."""
+    return _call_metric(metric, logits, activation)
+
+
+def _sweep_by(method: str, model: Any, clean: Tensor, corrupted: Tensor, metric: Metric, groups: List[PatchRuns],
+              *, options: Optional[SweepOptions], desc: str, **sweep: Any):
+    from vit_lens.attribution_patching import attribution_sweep, resolve_method
+
+    if resolve_method(method) == "exact":
+        if "ig_steps" in sweep:
+            raise InputError("ig_steps= goes with method='attribution' (integrated-gradient steps); exact sweeps have none")
+        return run_sweep(model, clean, corrupted, metric, groups, options=options, desc=desc, **sweep)
+    return attribution_sweep(model, clean, corrupted, metric, groups, method=method, options=options, desc=desc, **sweep)
+
+
+def patch_neurons_sweep(
+    model: HookedViT,
+    clean: Float[Tensor, "batch chans height width"],
+    corrupted: Float[Tensor, "batch chans height width"],
+    metric: Metric,
+    *,
+    layers: Union[None, int, Iterable[int]] = None,
+    neurons: Union[None, int, Sequence[int], Tensor] = None,
+    positions: Positions = None,
+    options: Optional[SweepOptions] = None,
+    method: str = "exact",
+    **sweep: Any,
+) -> PatchingResult:
+    """Layer x neuron sweep: patch one neuron of ``blocks.{l}.mlp.hook_post`` (at ``positions``,
+    default every position) per run.
+
+    Args:
+        layers: blocks to sweep (default all).
+        neurons: neuron indices to sweep (default all ``d_mlp``; a sample keeps an exact sweep short).
+        method: ``"exact"`` (batched patched runs), ``"attribution"`` (every neuron of every layer
+            from one backward pass; ``ig_steps=k`` too) or ``"attribution_qk"`` (the same here).
+        (other arguments as in :func:`patch_positions_sweep`)
+
+    Returns:
+        a :class:`PatchingResult` with dims ``("layer", "neuron", "batch")``.
+    """
+    from vit_lens.attribution_patching import NeuronRuns, exact_neuron_sweep, neuron_attribution_sweep, resolve_method
+
+    method = resolve_method(method)
+    layers = resolve_layers(layers, model)
+    N = model.cfg.d_mlp
+    if neurons is None:
+        idx = torch.arange(N)
+    else:
+        idx = torch.as_tensor(neurons).reshape(-1)
+        if idx.is_floating_point() or idx.dtype == torch.bool or idx.numel() == 0:
+            raise InputError(f"neurons must be integer indices in 0..{N - 1}, got {neurons!r}")
+        if bool(((idx < -N) | (idx >= N)).any()):
+            from vit_lens.core.errors import OutOfRangeError
+
+            raise OutOfRangeError(f"neuron indices must be in 0..{N - 1} (d_mlp = {N}), got {idx.tolist()}")
+        idx = idx % N
+    pm = None if positions is None else position_mask(model, positions, grid_size=grid_of(model, clean))
+    runs = [NeuronRuns(l, idx, pm) for l in layers]
+    for r in runs:
+        hook_name(model, r.hook)
+    if method == "exact":
+        if "ig_steps" in sweep:
+            raise InputError("ig_steps= goes with method='attribution' (integrated-gradient steps); exact sweeps have none")
+        vals, cm, km = exact_neuron_sweep(model, clean, corrupted, metric, runs, options=options, **sweep)
+    else:
+        vals, cm, km = neuron_attribution_sweep(model, clean, corrupted, metric, runs, method=method, options=options,
+                                                **sweep)
+    return PatchingResult(
+        values=vals.view(len(layers), idx.numel(), -1),
+        dims=("layer", "neuron", "batch"),
+        coords={"layer": layers, "neuron": idx.tolist(), "batch": list(range(clean.shape[0]))},
+        clean=cm,
+        corrupted=km,
+        hook="blocks.{l}.mlp.hook_post",
+        metric=_metric_name(metric),
+        method=method,
         **_base_result(model, clean),
     )

@@ -1655,7 +1655,8 @@ def context_figure(
                 title=title if title is not None else f"Context ablation after block {layer}: {value}{suffix}")
 
 
-# =============================================================================================
+# ======================================================================================
+
 # edges (issue 14 part B): attribution vs exact per edge, faithfulness curves
 # =============================================================================================
 def _receiver_kind(receiver: str) -> str:
@@ -1733,3 +1734,108 @@ def faithfulness_figure(frames: Mapping[str, Any], *, title: Optional[str] = Non
 
 
 __all__ += ["edge_scatter", "faithfulness_figure"]
+
+
+# =============================================================================================
+# attribution patching (issue 14 part A): estimate vs exact per cell
+# =============================================================================================
+def attribution_comparison_figure(
+    exact: "PatchingResult",
+    estimate: "PatchingResult",
+    *,
+    index: Optional[int] = None,
+    normalized: bool = True,
+    component: Optional[str] = None,
+    title: Optional[str] = None,
+) -> "go.Figure":
+    """Attribution patching against exact patching, per cell: a scatter (estimate vs exact, with the
+    line y = x) beside the two grids side by side on one colour scale.
+
+    Args:
+        exact: the exact sweep (``method="exact"``), a :class:`vit_lens.patching.PatchingResult`.
+        estimate: the same sweep with ``method="attribution"`` / ``"attribution_qk"``.
+        index: which image of the batch; ``None`` averages over images (NaN-aware).
+        normalized: compare ``(value - corrupted) / (clean - corrupted)`` (else the raw metric).
+        component: for ``("component", "layer", "pos")`` sweeps, which component.
+        title: figure title.
+
+    Returns:
+        a plotly figure with three panels: scatter, exact grid, estimate grid.
+    """
+    import warnings
+
+    from plotly.subplots import make_subplots
+
+    go = _go()
+    for r, what in ((exact, "exact"), (estimate, "estimate")):
+        _require(r, ("values", "dims", "coords", "clean", "corrupted", "normalized"), f"{what}: a PatchingResult")
+    if tuple(exact.dims) != tuple(estimate.dims) or tuple(exact.values.shape) != tuple(estimate.values.shape):
+        raise InputError(f"exact and estimate must come from the same sweep: {exact.dims} {tuple(exact.values.shape)} "
+                         f"vs {estimate.dims} {tuple(estimate.values.shape)}")
+    dims = list(exact.dims)
+    if dims[-1] != "batch":
+        raise InputError(f"expected the batch axis last, got dims {exact.dims}")
+
+    def arr(r: Any) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            v = (r.normalized() if normalized else r.values).detach().cpu().double().numpy()
+        if index is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return np.nanmean(v, axis=-1)
+        n = v.shape[-1]
+        if not -n <= index < n:
+            raise OutOfRangeError(f"index {index} out of range for a batch of {n}")
+        return v[..., index]
+
+    a, b = arr(exact), arr(estimate)
+    axes = dims[:-1]
+    if len(axes) == 3:
+        if component is None or "component" not in exact.coords or component not in exact.coords["component"]:
+            raise InputError(f"a {tuple(axes)} sweep: pass component= one of {exact.coords.get('component')}")
+        i = list(exact.coords["component"]).index(component)
+        a, b, axes = a[i], b[i], axes[1:]
+    elif component is not None:
+        raise InputError("component= is only for ('component', 'layer', 'pos') sweeps")
+    if len(axes) == 1:
+        a, b, axes = a[None], b[None], ["", axes[0]]
+    if len(axes) != 2:
+        raise InputError(f"cannot lay out a sweep with axes {tuple(dims)}")
+    rows = [str(x) for x in exact.coords.get(axes[0], [""])]
+    cols = [str(x) for x in exact.coords.get(axes[1], range(a.shape[1]))]
+    method = getattr(estimate, "method", "estimate")
+    what = "normalised" if normalized else "metric"
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.3, 0.35, 0.35], horizontal_spacing=0.08,
+                        subplot_titles=(f"per cell ({what})", "exact", method))
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    ok = np.isfinite(fa) & np.isfinite(fb)
+    labels = [f"{axes[0]} {r}, {axes[1]} {c}" for r in rows for c in cols]
+    fig.add_trace(go.Scatter(x=fa[ok], y=fb[ok], mode="markers", marker=dict(size=5, opacity=0.6),
+                             text=[t for t, k in zip(labels, ok) if k], name="cells",
+                             hovertemplate="%{text}<br>exact %{x:.4g}<br>" + method + " %{y:.4g}<extra></extra>"),
+                  row=1, col=1)
+    lo = float(np.nanmin(np.concatenate([fa[ok], fb[ok]]))) if ok.any() else 0.0
+    hi = float(np.nanmax(np.concatenate([fa[ok], fb[ok]]))) if ok.any() else 1.0
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dash", color="gray"),
+                             name="y = x", hoverinfo="skip"), row=1, col=1)
+    m = max(abs(lo), abs(hi)) or 1.0
+    for j, v in ((2, a), (3, b)):
+        fig.add_trace(go.Heatmap(z=v, x=cols, y=rows, zmin=-m, zmax=m, colorscale="RdBu", reversescale=True,
+                                 showscale=j == 3, colorbar=dict(title=what),
+                                 hovertemplate=f"{axes[0]} %{{y}}<br>{axes[1]} %{{x}}<br>%{{z:.4g}}<extra></extra>"),
+                      row=1, col=j)
+        fig.update_xaxes(title_text=axes[1], row=1, col=j)
+        fig.update_yaxes(title_text=axes[0], row=1, col=j, autorange="reversed")
+    fig.update_xaxes(title_text="exact", row=1, col=1)
+    fig.update_yaxes(title_text=method, row=1, col=1)
+    hook = str(getattr(exact, "hook", "") or "")
+    shown = hook.replace("blocks.{l}.", "") if "{l}" in hook else hook  # a template names every block's hook
+    width = 1300
+    fig.update_layout(template="plotly_white", showlegend=False, width=width, margin=dict(l=80, r=30, b=70))
+    top = _set_title(fig, title or f"{method} vs exact patching of {shown}: {exact.metric}", width, extra_top=24)
+    fig.update_layout(height=top + 430)
+    return fig
+
+
+__all__ += ["attribution_comparison_figure"]
