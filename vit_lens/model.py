@@ -565,7 +565,9 @@ class HookedViT(HookedRootModule):
             return hook
 
         out_device = self.device if device is None else torch.device(device)
-        hooks = [(name, make_hook(name, how)) for name, how in reductions.items()]
+        hooks: List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]] = [
+            (name, make_hook(name, how)) for name, how in reductions.items()
+        ]
         with torch.inference_mode():
             for images in progress_bar(batches, progress=progress, total=total, desc="batches", unit="batch"):
                 if isinstance(images, Tensor) and images.device != self.device:
