@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -41,7 +40,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the peers' models are built from configs: never wait on the hub
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved, sync  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
+from _timing import Timings, interleaved, sync  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 DEFAULT_RUNS = (("vit_base_patch16_224", 8), ("vit_tiny_patch16_224", 32))
 
@@ -155,14 +154,14 @@ def bench_one(name: str, batch: int, args) -> bool:
         if prisma is not None:
             variants["prisma cache"] = lambda: prisma.run_with_cache(x)[1]
 
-    faults: Dict[str, List[int]] = {n: [] for n in variants}
+    faults = Timings(variants)  # page-fault counts per call, with the helper's statistics
 
     def counted(n: str, fn: Callable[[], object]) -> Callable[[], object]:
         def run():
             a = _minor_faults()
             out = fn()
             sync(device)
-            faults[n].append(_minor_faults() - a)
+            faults.add(n, _minor_faults() - a)
             return out
         return run
 
@@ -171,7 +170,7 @@ def bench_one(name: str, batch: int, args) -> bool:
                             rotate=True, device=device)
 
     where = "CPU" if device.type == "cpu" else torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else "torch.cuda.synchronize() around each call"
+    threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else "synchronised around each call"
     print(
         f"{name}, batch {batch}, {where} {args.dtype}, {threads}, "
         f"{args.reps} interleaved reps; max |logit diff| vs timm {diff:.2e}; "
@@ -196,7 +195,7 @@ def bench_one(name: str, batch: int, args) -> bool:
     for n in variants:
         lo, med, hi = times.min(n), times.median(n), times.max(n)
         print(f"{n:<16} {lo * 1e3:>8.1f} {med * 1e3:>10.1f} {hi * 1e3:>8.1f} {hi / lo:>7.2f}x "
-              f"{statistics.median(faults[n]):>11.0f}")
+              f"{faults.median(n):>11.0f}")
     print("faults/run = median minor page faults per call (new memory pages the call touched)\n")
     return ok
 

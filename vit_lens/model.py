@@ -52,7 +52,7 @@ class CachingHook:
 
     Options: ``pos_slice`` (a ``transformer_lens.utilities.Slice``: the kept token positions, as an
     owned copy), ``device`` (copies from a GPU to the CPU go to pinned memory without blocking: wait
-    with ``torch.cuda.synchronize()`` before reading them, as :meth:`HookedViT.run_with_cache` does),
+    for the device before reading them, as :meth:`HookedViT.run_with_cache` does),
     ``dtype`` (floating activations are cast), ``remove_batch_dim``. It never edits the activation
     (``read_only``), which lets the forward skip its checks for edits.
     """
