@@ -84,6 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(BENCH / "results" / "gpu_suite.md"))
     p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole suite (steps past it are skipped)")
+    p.add_argument("--slack", type=float, default=1.0, help="multiply every step's time limit (a loaded CPU dry run)")
     p.add_argument("--throughput", nargs=4, metavar=("DTYPE", "MODEL", "BATCH", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.throughput:
@@ -119,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if left < 10:
             done.append((title, -1, 0.0, "[skipped: the suite's time budget is spent]"))
             continue
-        res = run_step(title, cmd, min(limit, left))
+        res = run_step(title, cmd, min(limit * args.slack, left))
         done.append(res)
         print(f"{title}: rc {res[1]}, {res[2]:.0f} s", flush=True)
 
