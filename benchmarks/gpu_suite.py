@@ -59,7 +59,7 @@ def run_step(title: str, cmd: List[str], timeout: float) -> Tuple[str, int, floa
     t = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(5, timeout))
-        rc, out = r.returncode, (r.stdout + ("\n" + r.stderr if r.stderr.strip() else ""))
+        rc, out = r.returncode, (r.stdout + ("\n[stderr]\n" + r.stderr if r.stderr.strip() else ""))
     except subprocess.TimeoutExpired as e:
         rc = 124
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -136,7 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows = forward_rows(out)
             result = "; ".join(f"{v} {ms} ms ({r})" for v, ms, r in rows) or "(no rows)"
         else:
-            tail = [l for l in out.strip().splitlines() if l.strip()]
+            stdout = out.split("\n[stderr]\n")[0]  # the last printed line, not a progress bar's
+            tail = [l for l in stdout.strip().splitlines() if l.strip()]
             result = tail[-1] if tail else ""
         lines.append(f"| {title} | {status} | {s:.0f} | {result.replace('|', '/')} |")
     lines += [""]
