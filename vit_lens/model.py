@@ -13,6 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import Slice
 
 from vit_lens.components import LayerNorm, PatchEmbed, PosEmbed, TransformerBlock, Unembed
 from vit_lens.components.readout import Readout
@@ -33,6 +34,59 @@ def _legacy_readout_keys(state_dict, prefix, *args, **kwargs) -> None:
         rel = key[len(prefix):]
         if key.startswith(prefix) and rel.startswith(_LEGACY_READOUT):
             state_dict[prefix + _READOUT + rel] = state_dict.pop(key)
+
+
+def _pooled_hook(name: str) -> bool:
+    """Hooks without a token axis ([batch, d_model]): pos_slice leaves them whole."""
+    return name == "hook_pooled" or name.startswith("fc_norm.")
+
+
+def _pos_dim(name: str) -> int:
+    """The token axis of a hook's activation, from the end (TransformerLens's convention)."""
+    return -3 if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")) else -2
+
+
+class CachingHook:
+    """The hook :meth:`HookedViT.get_caching_hooks` returns: stores ``hook.name`` (+ ``suffix``) ->
+    the activation, detached, in ``cache``.
+
+    Options: ``pos_slice`` (a ``transformer_lens.utilities.Slice``: the kept token positions, as an
+    owned copy), ``device`` (copies from a GPU to the CPU go to pinned memory without blocking: wait
+    for the device before reading them, as :meth:`HookedViT.run_with_cache` does),
+    ``dtype`` (floating activations are cast), ``remove_batch_dim``. It never edits the activation
+    (``read_only``), which lets the forward skip its checks for edits.
+    """
+
+    read_only = True
+
+    def __init__(self, cache: Dict[str, Tensor], *, device: Any = None, dtype: Optional[torch.dtype] = None,
+                 pos_slice: Any = None, remove_batch_dim: bool = False, suffix: str = ""):
+        self.cache, self.pos_slice, self.remove_batch_dim, self.suffix = cache, pos_slice, remove_batch_dim, suffix
+        self.device = None if device is None else torch.device(device)
+        self.dtype = dtype
+
+    def __call__(self, tensor: Tensor, hook: HookPoint) -> None:
+        name = hook.name
+        if name is None:
+            raise RuntimeError("a HookPoint without a name: call model.setup() after adding modules")
+        t = tensor.detach()
+        if self.remove_batch_dim and t.ndim > 0 and t.shape[0] == 1:
+            t = t.squeeze(0)
+        if self.pos_slice is not None and not _pooled_hook(name) and t.ndim >= -_pos_dim(name):
+            t = self.pos_slice.apply(t, dim=_pos_dim(name))
+        dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+        device = self.device if self.device is not None else t.device
+        if device.type == "cpu" and t.device.type == "cuda":
+            out = torch.empty(t.shape, dtype=dtype, device="cpu", pin_memory=True)
+            t = out.copy_(t, non_blocking=True)
+        elif device != t.device or dtype != t.dtype:
+            t = t.to(device=device, dtype=dtype)
+        elif self.pos_slice is not None and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            t = t.clone()  # a view (hook_pooled too: [CLS] of the final norm) would keep every position alive
+        self.cache[name + self.suffix] = t
+
+    def __repr__(self) -> str:
+        return f"CachingHook(device={self.device}, dtype={self.dtype}, pos_slice={self.pos_slice is not None})"
 
 
 class HookedViT(HookedRootModule):
@@ -240,7 +294,9 @@ class HookedViT(HookedRootModule):
             )
         if images.dtype != ref.dtype:
             images = images.to(ref.dtype)
-        if not bool(torch.isfinite(images).all()):
+        # one reduction instead of an elementwise check: NaN / inf make the sum non-finite (a finite
+        # batch whose sum overflows falls through to the exact check below)
+        if not bool(torch.isfinite(images.sum())) and not bool(torch.isfinite(images).all()):
             bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
             raise InputError(
                 f"images {bad} of the batch contain NaN or inf pixels; every score computed from them would be "
@@ -330,40 +386,53 @@ class HookedViT(HookedRootModule):
             self._check_hook_name(name)
         return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
-    def get_caching_hooks(self, names_filter=None, incl_bwd=False, device=None, remove_batch_dim=False, cache=None, pos_slice=None):
-        """As TransformerLens's, but unknown names are an error and hooks that cannot fire are skipped."""
+    def get_caching_hooks(
+        self, names_filter=None, incl_bwd=False, device=None, remove_batch_dim=False, cache=None, pos_slice=None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        """As TransformerLens's, but unknown names are an error, hooks that cannot fire are skipped, and:
+
+        * ``device``: where to store the cache (e.g. ``"cpu"`` while the model runs on a GPU); copies
+          from a GPU go to pinned memory without blocking (:meth:`run_with_cache` waits for them).
+        * ``dtype``: store floating activations in this precision (e.g. ``torch.bfloat16``: half the memory).
+        * ``pos_slice``: keep only these token positions (an int, a list of ints, a ``slice`` or
+          ``(start, stop[, step])``); each kept tensor owns its memory (TransformerLens keeps a view
+          holding every position alive). The pooled hooks (``hook_pooled``, ``fc_norm.*``) have no
+          token axis and are kept whole; ``hook_attn_scores`` / ``hook_pattern`` are sliced on the
+          query axis, ``hook_q/k/v/z/result`` on their position axis.
+
+        The hooks are :class:`CachingHook` objects: they never edit an activation (``read_only``), so
+        the forward runs its fast paths (fused LayerNorm) while they are attached.
+        """
+        names_filter = self._names_filter(names_filter)
+        cache = {} if cache is None else cache
+        sl = None if pos_slice is None else Slice.unwrap(pos_slice)
+        fwd_hooks, bwd_hooks = [], []
+        for name in self.hook_dict:
+            if names_filter(name):
+                fwd_hooks.append((name, CachingHook(cache, device=device, dtype=dtype, pos_slice=sl,
+                                                    remove_batch_dim=remove_batch_dim)))
+                if incl_bwd:
+                    bwd_hooks.append((name, CachingHook(cache, device=device, dtype=dtype, pos_slice=sl,
+                                                        remove_batch_dim=remove_batch_dim, suffix="_grad")))
+        self.is_caching = True
+        return cache, fwd_hooks, bwd_hooks
+
+    def _names_filter(self, names_filter) -> Callable[[str], bool]:
+        """A hook-name predicate from None (every hook that can fire), a name, a list of names
+        (each checked) or a function name -> bool."""
         if isinstance(names_filter, str):
             names_filter = [names_filter]
         if isinstance(names_filter, (list, tuple)):
             for n in names_filter:
                 self._check_hook_name(n)
-            wanted = set(names_filter)
-            names_filter = wanted.__contains__
-        elif names_filter is None:
-            names_filter = self._hook_is_live
-        elif callable(names_filter):
+            return set(names_filter).__contains__
+        if names_filter is None:
+            return self._hook_is_live
+        if callable(names_filter):
             user_filter = names_filter
-            names_filter = lambda n: user_filter(n) and self._hook_is_live(n)  # noqa: E731
-        else:
-            raise InputTypeError("names_filter must be None, a hook name, a list of hook names, or a function name -> bool")
-        if pos_slice is None:
-            return super().get_caching_hooks(
-                names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache, pos_slice=pos_slice
-            )
-        # pos_slice applies to the token axis; the pooled hooks (hook_pooled, fc_norm.*) have none
-        # (TransformerLens would slice their batch axis instead), so they are cached whole.
-        def pooled(n: str) -> bool:
-            return n == "hook_pooled" or n.startswith("fc_norm.")
-
-        cache = {} if cache is None else cache
-        _, fwd, bwd = super().get_caching_hooks(
-            lambda n: names_filter(n) and not pooled(n), incl_bwd, device,
-            remove_batch_dim=remove_batch_dim, cache=cache, pos_slice=pos_slice,
-        )
-        _, fwd2, bwd2 = super().get_caching_hooks(
-            lambda n: names_filter(n) and pooled(n), incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache,
-        )
-        return cache, fwd + fwd2, bwd + bwd2
+            return lambda n: bool(user_filter(n)) and self._hook_is_live(n)
+        raise InputTypeError("names_filter must be None, a hook name, a list of hook names, or a function name -> bool")
 
     @overload
     def run_with_cache(
@@ -387,16 +456,138 @@ class HookedViT(HookedRootModule):
         """Run the model and cache activations.
 
         Accepts TransformerLens's arguments (``names_filter``, ``device``, ``remove_batch_dim``,
-        ``incl_bwd``, ``pos_slice``, ...) plus this model's ``forward`` arguments.
+        ``incl_bwd``, ``pos_slice``, ...) plus this model's ``forward`` arguments, and ``dtype``
+        (store the cache in e.g. ``torch.bfloat16``). Memory options for big models (see
+        :meth:`get_caching_hooks`): ``device="cpu"`` caches to host memory while the model runs on a
+        GPU, ``dtype=torch.float16`` halves the cache, ``pos_slice=0`` keeps only [CLS], and
+        :meth:`stream_reductions` keeps only reductions over a whole dataset.
+
+        Speed: run it under ``torch.inference_mode()`` (or ``torch.no_grad()``): without gradients the
+        LayerNorms stay fused while cached; with gradients they run the explicit (slower) form so that
+        gradients reach every hook.
 
         Returns:
             ``(output, cache)`` where ``cache`` is a :class:`transformer_lens.ActivationCache`
             (a plain dict if ``return_cache_object=False``).
         """
-        out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        names_filter = kwargs.pop("names_filter", None)
+        device = kwargs.pop("device", None)
+        dtype = kwargs.pop("dtype", None)
+        incl_bwd = kwargs.pop("incl_bwd", False)
+        pos_slice = kwargs.pop("pos_slice", None)
+        reset_hooks_end = kwargs.pop("reset_hooks_end", True)
+        clear_contexts = kwargs.pop("clear_contexts", False)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputTypeError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+        if remove_batch_dim and model_args and isinstance(model_args[0], Tensor) and model_args[0].ndim > 0 \
+                and model_args[0].shape[0] != 1:
+            raise InputError(f"remove_batch_dim=True needs a batch of one image, got a batch of {model_args[0].shape[0]}")
+        cache_dict, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice, dtype=dtype
+        )
+        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = self(*model_args, **kwargs)
+            if incl_bwd:
+                out.backward()
+        if device is not None and self.device.type == "cuda" and torch.device(device).type == "cpu":
+            torch.cuda.synchronize(self.device)  # the non-blocking copies to pinned memory have landed
         if return_cache_object:
             return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
         return out, cache_dict
+
+    def stream_reductions(
+        self,
+        batches: Any,
+        reductions: Dict[str, Union[Literal["sum", "mean", "max", "min"], Callable[[Tensor], Tensor]]],
+        *,
+        device: Any = None,
+        progress: bool = True,
+        total: Optional[int] = None,
+        **forward_kwargs: Any,
+    ) -> Dict[str, Tensor]:
+        """Run the model over a dataset, keeping for each named hook only a reduction of its activation.
+
+        The full cache of one ViT-B/16 batch of 32 is about 7 GB; this keeps, per hook, only what an
+        analysis needs, computed inside the hook (the activation is dropped as the forward moves on).
+
+        Args:
+            batches: an iterable of image batches [batch, chans, H, W] (e.g. a DataLoader's image tensors);
+                batches on another device are moved to the model's.
+            reductions: hook name -> ``"sum"`` / ``"mean"`` / ``"max"`` / ``"min"`` over every image of
+                every batch (result: the activation's shape without the batch axis; sums and means are
+                accumulated in float64), or a function ``f(act [batch, ...]) -> [batch, ...]`` whose
+                per-image results are concatenated in batch order (result: [n_images, ...]), e.g.
+                ``lambda a: a[:, 0]`` keeps [CLS] only and ``lambda a: a.norm(dim=-1)`` one norm per token.
+            device: where the results are kept (default: the model's device).
+            progress: show a progress bar over the batches; ``total`` its length.
+            **forward_kwargs: passed to :meth:`forward` (``return_type=None`` is set unless given).
+
+        Returns:
+            hook name -> the reduced tensor. Runs under ``torch.inference_mode()``.
+        """
+        from vit_lens.core.batching import progress_bar
+
+        if not isinstance(reductions, dict) or not reductions:
+            raise InputTypeError(
+                "reductions must be a non-empty dict hook name -> 'sum' | 'mean' | 'max' | 'min' | function, "
+                "e.g. {'blocks.5.hook_resid_post': 'mean'}"
+            )
+        for name, how in reductions.items():
+            self._check_hook_name(name)
+            if not callable(how) and how not in ("sum", "mean", "max", "min"):
+                raise InputError(f"reduction of {name!r} must be 'sum', 'mean', 'max', 'min' or a function, got {how!r}")
+        forward_kwargs.setdefault("return_type", None)
+        keep: Dict[str, Any] = {}  # name -> accumulated tensor, or the list of per-batch results
+        state = {"n": 0}
+
+        def make_hook(name: str, how: Any) -> Callable[..., None]:
+            def hook(act: Tensor, hook: Any = None) -> None:
+                a = act.detach()
+                if callable(how):
+                    r = how(a)
+                    if not isinstance(r, Tensor) or r.ndim == 0 or r.shape[0] != a.shape[0]:
+                        got = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+                        raise InputError(
+                            f"the reduction of {name!r} must return one row per image ([{a.shape[0]}, ...]), got {got}; "
+                            "use 'sum' / 'mean' / 'max' / 'min' for reductions over the images"
+                        )
+                    keep.setdefault(name, []).append(r.to(out_device))
+                    return
+                if how in ("sum", "mean"):
+                    r = a.sum(0, dtype=torch.float64 if a.device.type != "mps" else torch.float32)
+                    keep[name] = r if name not in keep else keep[name] + r
+                else:
+                    r = a.amax(0) if how == "max" else a.amin(0)
+                    keep[name] = r if name not in keep else torch.maximum(keep[name], r) if how == "max" \
+                        else torch.minimum(keep[name], r)
+
+            hook.read_only = True  # type: ignore[attr-defined]  # lets the forward keep its fast paths
+            return hook
+
+        out_device = self.device if device is None else torch.device(device)
+        hooks: List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]] = [
+            (name, make_hook(name, how)) for name, how in reductions.items()
+        ]
+        with torch.inference_mode():
+            for images in progress_bar(batches, progress=progress, total=total, desc="batches", unit="batch"):
+                if isinstance(images, Tensor) and images.device != self.device:
+                    images = images.to(self.device)
+                self.run_with_hooks(images, fwd_hooks=hooks, **forward_kwargs)
+                state["n"] += images.shape[0]
+        if state["n"] == 0:
+            raise InputError("no batches: pass an iterable of image batches [batch, chans, H, W]")
+        result: Dict[str, Tensor] = {}
+        for name, how in reductions.items():
+            if name not in keep:
+                raise InputError(f"{name!r} did not fire (e.g. a block outside start_at_layer / stop_at_layer)")
+            v = keep[name]
+            if callable(how):
+                result[name] = torch.cat(v)
+            elif how == "mean":
+                result[name] = (v / state["n"]).to(out_device)
+            else:
+                result[name] = v.to(out_device)
+        return result
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Compute per-head outputs and fire ``blocks.{l}.attn.hook_result`` (costs memory)."""

@@ -140,7 +140,11 @@ class Attention(nn.Module):
         if mask is not None and Nq != N and mask.shape[-2] != 1:
             mask = mask[..., :Nq, :]
         if self.needs_pattern:
-            scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).div_(math.sqrt(E))  # [b, h, q, k]
+            # [b, h, q, k]; the 1/sqrt(d_head) scale is applied inside the GEMM (no extra pass)
+            qh = q.transpose(1, 2).reshape(B * H, Nq, E)
+            kh = k.permute(0, 2, 3, 1).reshape(B * H, E, N)
+            scores = torch.baddbmm(qh.new_zeros(()).expand(1, 1, 1), qh, kh, beta=0.0, alpha=1.0 / math.sqrt(E))
+            scores = scores.view(B, H, Nq, N)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             scores = self.hook_attn_scores(scores)
