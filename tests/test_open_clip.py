@@ -293,7 +293,12 @@ def tiny_name(tmp_path):
     name = "vit-lens-tiny-test"
     (tmp_path / f"{name}.json").write_text(json.dumps(TINY))
     open_clip.add_model_config(str(tmp_path / f"{name}.json"))
-    return name
+    yield name
+    # OpenCLIP's registry of configs is global: leave it as it was (the supported-models table lists it)
+    configs = getattr(getattr(open_clip, "factory", None), "_MODEL_CONFIGS", None)
+    if isinstance(configs, dict):
+        configs.pop(name, None)
+    assert name not in open_clip.list_models(), "the test config stayed registered in OpenCLIP"
 
 
 def test_name_with_local_weights_file(tiny_name, tmp_path):

@@ -408,58 +408,65 @@ def _load_script():
     return mod
 
 
-class _Stop(Exception):
-    pass
-
-
-def test_sweep_script_resumes_without_loss_or_repetition(tmp_path):
+def test_sweep_script_resumes_without_loss_or_repetition(tmp_path, monkeypatch):
+    """benchmarks/patching_sweep.py is a driver over `vit-lens run patching` (issue 15): an interrupted
+    sweep resumes where it stopped, every image is swept exactly once, the values equal an uninterrupted
+    run's, and another configuration is refused rather than mixed in."""
     from PIL import Image
+
+    from vit_lens import results
+    from vit_lens.runs import ANALYSES, ConfigMismatchError
 
     script = _load_script()
     vit = _model("cls", depth=2)
     vit.data_config["input_size"] = (3, 32, 32)  # timm's pretrained config says 224 for any img_size
     folder = tmp_path / "imgs"
-    (folder / "sub").mkdir(parents=True)
+    folder.mkdir()
     rng = np.random.default_rng(0)
-    for name in ("a.png", "b.jpg", "sub/a.png"):
+    for name in ("a.png", "b.jpg", "c.png"):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / name)
-    files = script.find_images(folder)
-    assert len(files) == 3
-    kw = dict(root=folder, progress=False, corruption="blur")
+    assert len(script.find_images(folder)) == 3
+    kw = dict(progress=False, corruption="blur")
 
     # reference: one uninterrupted run
     ref_out = tmp_path / "ref"
-    script.run_sweep(vit, files, ref_out, **kw)
-    ref = {r["key"]: r for r in script.load_results(ref_out)}
-    assert len(ref) == 3 and (ref_out / "sweep.html").stat().st_size > 1000
+    script.run_sweep(vit, folder, ref_out, **kw)
+    ref = results.load(ref_out, complete=True)
+    assert ref.path.nunique() == 3 and (ref_out / "figures").exists()
 
-    # interrupted: a limit, then an exception after the next image, then the rest
+    # interrupted after the second image, then resumed: each image swept exactly once
+    spec = ANALYSES["patching"]
+    real, calls = spec.fn, []
+
+    def stops_on_image_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(spec, "fn", stops_on_image_2)
     out = tmp_path / "out"
-    processed = []
-    script.run_sweep(vit, files, out, limit=1, on_done=lambda k, r: processed.append(k), **kw)
-    assert len(processed) == 1
-
-    def stop_after_one(key, rec):
-        processed.append(key)
-        raise _Stop
-
-    with pytest.raises(_Stop):
-        script.run_sweep(vit, files, out, on_done=stop_after_one, **kw)
-    assert len(processed) == 2
-    manifest = script.run_sweep(vit, files, out, on_done=lambda k, r: processed.append(k), **kw)
-    assert sorted(processed) == sorted(ref) and len(set(processed)) == 3  # each image exactly once
-    assert manifest["n_done"] == 3 and sorted(manifest["done"]) == sorted(ref)
-    # a further run has nothing to do
-    script.run_sweep(vit, files, out, on_done=lambda k, r: processed.append(k), **kw)
-    assert len(processed) == 3
-    got = {r["key"]: r for r in script.load_results(out)}
-    for k in ref:
-        assert torch.equal(got[k]["values"], ref[k]["values"])
-        assert got[k]["target"] == ref[k]["target"] and got[k]["labels"] == ref[k]["labels"]
-    assert not list((out / "results").glob("*.tmp"))
+    with pytest.raises(KeyboardInterrupt):
+        script.run_sweep(vit, folder, out, **kw)
+    assert results.load(out).path.nunique() == 1
+    script.run_sweep(vit, folder, out, **kw)
+    assert len(calls) == 2 + 2  # only the two images left were swept
+    script.run_sweep(vit, folder, out, **kw)  # a further run has nothing to do
+    assert len(calls) == 4
+    got = results.load(out, complete=True)
+    cols = [c for c in ref.columns if c != "value"]
+    assert not got.duplicated(cols).any()
+    merged = ref.merge(got, on=cols, suffixes=("_ref", "_got"))
+    assert len(merged) == len(ref) == len(got)
+    assert (merged.value_ref == merged.value_got).all()
     # another configuration is refused rather than mixed in
-    with pytest.raises(ValueError, match="another configuration"):
-        script.run_sweep(vit, files, out, **{**kw, "corruption": "noise"})
+    with pytest.raises(ConfigMismatchError):
+        script.run_sweep(vit, folder, out, **{**kw, "corruption": "noise"})
+    # a folder with images at the top and in a subfolder is refused, never read in part
+    (folder / "sub").mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / "sub" / "a.png")
+    with pytest.raises(ValueError, match="subfolders"):
+        script.run_sweep(vit, folder, tmp_path / "mixed", **kw)
 
 
 # ------------------------------------------------------------------ the last-block pruning goes through the components

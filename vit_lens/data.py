@@ -259,6 +259,13 @@ def from_folder(root: Union[str, os.PathLike]) -> ImageSet:
     paths = sorted(p.resolve() for p in root.iterdir() if _is_image(p))
     if not paths:
         raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+    nested = sorted(str(q.relative_to(root)) for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                    for q in d.rglob("*") if _is_image(q))
+    if nested:  # reading the top level only would drop these without a word
+        shown = ", ".join(nested[:3]) + (f" and {len(nested) - 3} more" if len(nested) > 3 else "")
+        raise InputError(f"{root} holds images directly and in subfolders ({shown}): a flat folder would read "
+                         "only the first, an ImageFolder tree only the second; move them into one layout, or "
+                         "list every image in a labels CSV (path,class_index)")
     return ImageSet(paths, None, None, root)
 
 

@@ -914,7 +914,7 @@ class HookedViT(HookedRootModule):
                     raise InputError(f"{name!r} names the weights (tag {tag!r}) and checkpoint_path gives a file: "
                                      "give one of them")
                 tag = os.fspath(checkpoint_path)
-            return cls.from_open_clip(arch, pretrained=tag or None, device=device, dtype=dtype,  # type: ignore[attr-defined]
+            return cls.from_open_clip(arch, pretrained=tag or None, device=device, dtype=dtype, open_clip_kwargs=None,
                                       **processing)
         if isinstance(name, str) and name.startswith("timm:"):
             name = name[len("timm:"):]
