@@ -52,7 +52,7 @@ from torch import Tensor
 
 from vit_lens.core import as_batch, progress_bar
 from vit_lens.core.errors import InputError, InputTypeError, NotDefinedError, UnknownNameError
-from vit_lens.patching import bind_metric
+from vit_lens.patching import bind_metric, call_metric
 
 if TYPE_CHECKING:  # pragma: no cover
     from vit_lens.model import HookedViT
@@ -381,18 +381,8 @@ def _run(model: Any, x: Tensor, hooks: List[Tuple[str, Callable]], metric: Any, 
     with model.hooks(fwd_hooks=hooks):
         logits = model(x) if start is None else model(x, start_at_layer=start)
     logits = logits.reshape(runs, -1, logits.shape[-1])
-    if name is not None:
-        a = act["x"]
-        out = metric(logits, a.reshape(runs, -1, *a.shape[1:]))
-    else:
-        out = metric(logits)
-    if not isinstance(out, Tensor) or out.shape != logits.shape[:-1]:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise InputError(
-            f"a metric must return one value per image [..., batch] = {tuple(logits.shape[:-1])}, got {shape}; "
-            "write it over the last axes, e.g. lambda logits: logits[..., c]"
-        )
-    return out
+    a = act["x"].reshape(runs, -1, *act["x"].shape[1:]) if name is not None else None
+    return call_metric(metric, logits, a)  # the sweeps' one metric call (and its shape check)
 
 
 def _pair(model: Any, clean: Any, corrupted: Any) -> Tuple[Tensor, Tensor]:
