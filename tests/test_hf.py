@@ -292,7 +292,8 @@ def test_prefix_dispatch(monkeypatch):
             return "open_clip model"
 
     assert Probe.from_pretrained("open_clip:ViT-B-32/openai", fold_ln=True) == "open_clip model"
-    assert Probe.calls[-1] == ("ViT-B-32", "openai", dict(device=None, dtype=torch.float32, fold_ln=True))
+    assert Probe.calls[-1] == ("ViT-B-32", "openai", dict(device=None, dtype=torch.float32, open_clip_kwargs=None,
+                                                           fold_ln=True))
     with pytest.raises(VitLensError, match="timm_kwargs"):
         HookedViT.from_pretrained("hf:google/vit-base-patch16-224", timm_kwargs=dict(img_size=32))
     seen = []
