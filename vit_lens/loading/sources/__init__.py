@@ -93,4 +93,18 @@ def build_model(cls: Any, converted: Converted, *, device: Any = None, dtype: Op
     return hooked
 
 
-__all__ = ["Converted", "SOURCES", "build_model"]
+def layer_norm_eps(m: Any, where: str) -> float:
+    """The ``eps`` of a source's LayerNorm ``m`` (named ``where`` in errors); anything that is not an
+    affine ``nn.LayerNorm`` (RMSNorm, no weight or bias) is refused: HookedViT's LayerNorm would differ."""
+    from torch import nn
+
+    from vit_lens.loading.sources.timm import UnsupportedModelError
+
+    if not isinstance(m, nn.LayerNorm):
+        raise UnsupportedModelError(f"{where} is {type(m).__name__}; only LayerNorm is supported")
+    if not m.elementwise_affine or m.bias is None:
+        raise UnsupportedModelError(f"{where} is a LayerNorm without affine weight and bias; not supported")
+    return float(m.eps)
+
+
+__all__ = ["Converted", "SOURCES", "build_model", "layer_norm_eps"]

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from vit_lens.config import HookedViTConfig
 from vit_lens.core.errors import InputError, InputTypeError
-from vit_lens.loading.sources import Converted, build_model
+from vit_lens.loading.sources import Converted, build_model, layer_norm_eps
 from vit_lens.loading.sources.timm import UnsupportedModelError
 
 #: the prefix of OpenCLIP names in ``HookedViT.from_pretrained`` (``"open_clip:ViT-B-32/openai"``)
@@ -117,12 +117,6 @@ def _visual_of(model: nn.Module) -> nn.Module:
     return visual
 
 
-def _eps(m: nn.Module, where: str) -> float:
-    if not isinstance(m, nn.LayerNorm):
-        raise UnsupportedModelError(f"{where} is {type(m).__name__}; only LayerNorm is supported")
-    if not m.elementwise_affine or m.bias is None:
-        raise UnsupportedModelError(f"{where} is a LayerNorm without affine weight and bias; not supported")
-    return float(m.eps)
 
 
 def _act_name(act: nn.Module) -> str:
@@ -169,10 +163,10 @@ def config_from_open_clip(visual: Any, name: Optional[str] = None) -> HookedViTC
     if not blocks:
         refuse("a tower without blocks")
     D = conv.out_channels
-    eps = {_eps(visual.ln_post, "ln_post")}
+    eps = {layer_norm_eps(visual.ln_post, "ln_post")}
     has_norm_pre = not _is_identity(visual.ln_pre)
     if has_norm_pre:
-        eps.add(_eps(visual.ln_pre, "ln_pre"))
+        eps.add(layer_norm_eps(visual.ln_pre, "ln_pre"))
     H = blocks[0].attn.num_heads
     d_mlp = blocks[0].mlp.c_fc.out_features
     act = _act_name(blocks[0].mlp.gelu)
@@ -198,8 +192,8 @@ def config_from_open_clip(visual: Any, name: Optional[str] = None) -> HookedViTC
             refuse(f"an MLP with modules {list(dict(mlp.named_children()))} in block {i}")
         if mlp.c_fc.out_features != d_mlp or _act_name(mlp.gelu) != act:
             refuse(f"blocks with differing MLP widths or activations (block {i})")
-        eps.add(_eps(blk.ln_1, f"block {i} ln_1"))
-        eps.add(_eps(blk.ln_2, f"block {i} ln_2"))
+        eps.add(layer_norm_eps(blk.ln_1, f"block {i} ln_1"))
+        eps.add(layer_norm_eps(blk.ln_2, f"block {i} ln_2"))
     if len(eps) != 1:
         refuse(f"LayerNorms with different eps values {sorted(eps)}")
     image_size: Tuple[int, int] = (int(visual.image_size[0]), int(visual.image_size[1]))

@@ -48,7 +48,7 @@ from vit_lens.loading.checkpoints import (
     diff_state_dicts,
     read_checkpoint,
 )
-from vit_lens.loading.sources import Converted, build_model
+from vit_lens.loading.sources import Converted, build_model, layer_norm_eps
 
 CHECKPOINT_ENV = "VIT_LENS_CHECKPOINTS"
 #: the pretrained tag recorded for weights whose tag is not known (``cfg.model_name = "<arch>.unknown"``)
@@ -145,12 +145,6 @@ def _is_identity(m: Any) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
-def _norm_eps(m: nn.Module, where: str) -> float:
-    if not isinstance(m, nn.LayerNorm):
-        raise UnsupportedModelError(f"{where} is {type(m).__name__}; only LayerNorm is supported")
-    if not m.elementwise_affine or m.bias is None:
-        raise UnsupportedModelError(f"{where} is a LayerNorm without affine weight and bias; not supported")
-    return float(m.eps)
 
 
 def _act_name(act: nn.Module) -> str:
@@ -250,8 +244,8 @@ def config_from_timm(model: nn.Module, name: Optional[str] = None) -> HookedViTC
             refuse(f"MLP type {type(mlp).__name__} (SwiGLU/GLU MLPs)")
         if not _is_identity(getattr(mlp, "norm", None)):
             refuse("a norm inside the MLP")
-        eps_values.add(_norm_eps(blk.norm1, f"block {i} norm1"))
-        eps_values.add(_norm_eps(blk.norm2, f"block {i} norm2"))
+        eps_values.add(layer_norm_eps(blk.norm1, f"block {i} norm1"))
+        eps_values.add(layer_norm_eps(blk.norm2, f"block {i} norm2"))
         if post_norm is False:
             for ls in ("ls1", "ls2"):
                 m = getattr(blk, ls)
@@ -267,13 +261,13 @@ def config_from_timm(model: nn.Module, name: Optional[str] = None) -> HookedViTC
         refuse(f"an image size {tuple(pe.img_size)} that is not a multiple of the patch size {(ph, pw)}")
     has_norm_pre = not _is_identity(model.norm_pre)
     if has_norm_pre:
-        eps_values.add(_norm_eps(model.norm_pre, "norm_pre"))
+        eps_values.add(layer_norm_eps(model.norm_pre, "norm_pre"))
     has_ln_final = not _is_identity(model.norm)
     if has_ln_final:
-        eps_values.add(_norm_eps(model.norm, "norm"))
+        eps_values.add(layer_norm_eps(model.norm, "norm"))
     has_fc_norm = not _is_identity(model.fc_norm)
     if has_fc_norm:
-        eps_values.add(_norm_eps(model.fc_norm, "fc_norm"))
+        eps_values.add(layer_norm_eps(model.fc_norm, "fc_norm"))
     if len(eps_values) != 1:
         refuse(f"LayerNorms with different eps values {sorted(eps_values)}")
 
