@@ -230,3 +230,50 @@ def test_identify_paths_equals_identify_of_the_model_transform(tmp_path):
     c, lc = cs.identify(m, paths, preprocess="paper", progress=False)
     assert torch.equal(lc, m(m.preprocess(paths, mode="paper")))
     assert not torch.equal(lc, la)  # the paper's resize-without-crop is another input
+
+
+# ---------------------------------------------------------------- progress bars
+def _bar_class(monkeypatch, *, kernel: bool, widgets: bool):
+    import sys
+
+    import IPython
+
+    from vit_lens.core import batching
+
+    class Shell:
+        config = {"IPKernelApp": {}} if kernel else {}
+
+    monkeypatch.setattr(batching, "_TQDM", None)
+    monkeypatch.setattr(IPython, "get_ipython", lambda: Shell())
+    if not widgets:
+        monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import raises ImportError
+    return batching._tqdm_class()
+
+
+def test_progress_bar_text_outside_a_notebook(monkeypatch):
+    import tqdm
+    import tqdm.notebook
+
+    cls = _bar_class(monkeypatch, kernel=False, widgets=True)
+    assert cls is tqdm.tqdm
+
+
+def test_progress_bar_in_a_notebook_without_ipywidgets_is_a_text_bar_and_does_not_warn(monkeypatch):
+    import warnings
+
+    import tqdm
+
+    from vit_lens.core import batching
+
+    cls = _bar_class(monkeypatch, kernel=True, widgets=False)
+    assert cls is tqdm.tqdm
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(batching.progress_bar(range(3), desc="x")) == [0, 1, 2]
+
+
+def test_progress_bar_in_a_notebook_with_ipywidgets_is_the_widget(monkeypatch):
+    pytest.importorskip("ipywidgets")
+    import tqdm.notebook
+
+    assert _bar_class(monkeypatch, kernel=True, widgets=True) is tqdm.notebook.tqdm

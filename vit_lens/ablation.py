@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from vit_lens.core import Box, box_grid_mask, head_mask, int_list, position_mask, resolve_layers, resolve_targets
+from vit_lens.core import Box, box_grid_mask, head_mask, int_list, position_mask, progress_bar, resolve_layers, resolve_targets
 from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
@@ -870,7 +870,6 @@ def context_comparison(
         rank of :mod:`vit_lens.class_space` (``model.project_to_classes``, paper mode).
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     cfg = model.cfg
     if not isinstance(images, Tensor) or images.ndim != 4:
@@ -907,7 +906,7 @@ def context_comparison(
 
     with torch.inference_mode():
         full = scores(images, c).cpu()  # [B, layer, P]
-        for i in tqdm(range(B), disable=not progress, desc="context comparison"):
+        for i in progress_bar(range(B), progress=progress, desc="context comparison"):
             for tokens, sel in (("class", grid[i]), ("context", patches & ~grid[i])):
                 n = int(sel.sum())
                 if n == 0:

@@ -592,11 +592,7 @@ def identifiability(
     if mode not in ("paper", "dla"):
         raise InputError(f"mode must be 'paper' or 'dla', got {mode!r}")
     ranks, readout = [], []
-    it = ls
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(ls, desc="identifiability", unit="layer")
+    it = progress_bar(ls, progress=progress, desc="identifiability", unit="layer")
     with torch.no_grad():
         for l in it:
             x = cache_get(cache, f"blocks.{l}.hook_{short}")

@@ -136,10 +136,10 @@ class ImageSet:
         self, model, *, batch_size: int = 32, mode: str = "timm", progress: bool = True
     ) -> Iterator[Tuple[Tensor, Optional[Tensor]]]:
         """Yield ``(images [b, C, H, W], labels [b] or None)`` batches, preprocessed for ``model``."""
-        from tqdm.auto import tqdm
+        from vit_lens.core import progress_bar
 
         starts = range(0, len(self), batch_size)
-        for i in tqdm(starts, desc="images", disable=not progress, leave=False):
+        for i in progress_bar(starts, progress=progress, desc="images"):
             chunk = self.subset(range(i, min(i + batch_size, len(self))))
             x = model.preprocess([str(p) for p in chunk.paths], mode=mode)
             yield x, (chunk.label_tensor().to(x.device) if chunk.has_labels else None)

@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence,
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from vit_lens.core import Positions, TokenLayout, as_batch, chunks, grid_of, position_mask, resolve_layers
+from vit_lens.core import Positions, TokenLayout, as_batch, chunks, grid_of, position_mask, progress_bar, resolve_layers
 from vit_lens.core.errors import InputError, InputTypeError
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
@@ -231,7 +230,7 @@ def collect_activations(
     hooks = {(c, l): f"blocks.{l}.{_component_hook(c)}" for c in components for l in layers}
     out: Dict[Tuple[str, int], List[Tensor]] = {k: [] for k in hooks}
     pos = None
-    for s in tqdm(chunks(len(x_all), batch_size), desc="activations", disable=not progress, leave=False):
+    for s in progress_bar(chunks(len(x_all), batch_size), progress=progress, desc="activations"):
         with torch.no_grad():
             _, cache = model.run_with_cache(
                 x_all[s], names_filter=list(set(hooks.values())), return_type=None, stop_at_layer=max(layers) + 1
@@ -289,7 +288,7 @@ def linear_probe_sweep(
         raise InputError(f"{len(test_labels)} test labels for {next(iter(test.values())).shape[0]} test images")
     rows = []
     W_dtype = model.dtype
-    for (comp, layer), Xtr in tqdm(train.items(), desc="probes", disable=not progress, leave=False):
+    for (comp, layer), Xtr in progress_bar(train.items(), progress=progress, desc="probes", total=len(train)):
         Xte = test[(comp, layer)]
         probe = fit_ridge_probe(Xtr.transpose(0, 1), train_labels, alpha)  # probes over positions
         pred = probe.predict(Xte.transpose(0, 1))  # [pos, n_test]

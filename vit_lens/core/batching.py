@@ -42,7 +42,30 @@ def chunks(n: int, batch_size: int) -> List[slice]:
 
 def progress_bar(it: Optional[Iterable] = None, *, progress: bool = True, desc: str = "", total: Optional[int] = None,
                  unit: str = "it", leave: bool = False):
-    """A tqdm bar (notebook-aware), disabled with ``progress=False``."""
-    from tqdm.auto import tqdm
+    """A tqdm bar, disabled with ``progress=False``: a notebook widget where Jupyter and ipywidgets are
+    present, a text bar otherwise (tqdm.auto alone warns "IProgress not found" in a notebook without
+    ipywidgets; the text bar works there too)."""
+    return _tqdm_class()(it, desc=desc, total=total, disable=not progress, leave=leave, unit=unit)
 
-    return tqdm(it, desc=desc, total=total, disable=not progress, leave=leave, unit=unit)
+
+_TQDM: Optional[type] = None
+
+
+def _tqdm_class() -> type:
+    global _TQDM
+    if _TQDM is None:
+        from tqdm import tqdm as text_bar
+
+        _TQDM = text_bar
+        try:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+            if shell is not None and "IPKernelApp" in getattr(shell, "config", {}):
+                import ipywidgets  # noqa: F401  # the widget bar needs it
+                from tqdm.notebook import tqdm as widget_bar
+
+                _TQDM = widget_bar
+        except ImportError:
+            pass
+    return _TQDM
