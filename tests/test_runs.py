@@ -424,3 +424,61 @@ def test_context_ablation_from_segmentation_pngs(tiny, folder, tmp_path):
     mine = c[c.measure != "n_tokens"].rename(columns={"group": "tokens", "condition": "context", "measure": "variable"})
     m = pd.merge(ref, mine, on=["image", "tokens", "context", "layer", "variable"], how="outer")
     assert len(m) == len(ref) > 0 and np.allclose(m.value_x, m.value_y, atol=1e-6)
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tiny, folder, tmp_path, monkeypatch):
+    """One run per --out folder: a live process' lock refuses a second run (naming what to do); the lock of a
+    process that is gone is taken over; the lock is released after a run, also one that raised."""
+    import socket
+
+    from vit_lens.runs import ANALYSES, RunLockedError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".lock"
+    host = socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{live.pid} {host}\n")
+        with pytest.raises(RunLockedError, match=rf"another run \(process {live.pid}\) is writing to .*another --out"):
+            _run("identifiability", tiny, folder, out, batch_size=4, chunk_size=4)
+        assert not (out / "shards").exists() and lock.read_text() == f"{live.pid} {host}\n"
+    finally:
+        live.kill()
+        live.wait()
+    lock.write_text(f"{live.pid} {host}\n")  # now a dead process' lock
+    rep = _run("identifiability", tiny, folder, out, batch_size=4, chunk_size=4)
+    assert rep.complete and not lock.exists() and not list(out.glob(".*.tmp"))
+    lock.write_text(f"{live.pid} some-other-host\n")  # cannot tell whether it lives: refused, naming the file
+    with pytest.raises(RunLockedError, match=r"host 'some-other-host'.*delete .*\.lock"):
+        _run("identifiability", tiny, folder, out, batch_size=4, chunk_size=4)
+    lock.unlink()
+
+    spec = ANALYSES["identifiability"]
+
+    def fails(*a, **k):
+        assert (tmp_path / "o2" / ".lock").read_text() == f"{os.getpid()} {host}\n"  # held while the run works
+        raise RuntimeError("analysis failed")
+
+    monkeypatch.setattr(spec, "fn", fails)
+    with pytest.raises(RuntimeError, match="analysis failed"):
+        _run("identifiability", tiny, folder, tmp_path / "o2", batch_size=4, chunk_size=4)
+    assert not (tmp_path / "o2" / ".lock").exists()
+
+
+def test_a_run_inside_a_run_on_the_same_folder_is_refused(tiny, folder, tmp_path, monkeypatch):
+    from vit_lens.runs import ANALYSES, RunLockedError
+
+    spec = ANALYSES["identifiability"]
+    real = spec.fn
+    seen = []
+
+    def nested(*a, **k):
+        if not seen:
+            seen.append(1)
+            with pytest.raises(RunLockedError, match="this process is already running a run into"):
+                _run("identifiability", tiny, folder, tmp_path / "out", batch_size=4, chunk_size=4)
+        return real(*a, **k)
+
+    monkeypatch.setattr(spec, "fn", nested)
+    assert _run("identifiability", tiny, folder, tmp_path / "out", batch_size=4, chunk_size=4).complete and seen

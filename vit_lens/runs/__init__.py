@@ -11,13 +11,14 @@ Read the results with :func:`vit_lens.results.load`.
 """
 
 from vit_lens.runs.analyses import ANALYSES, ROW_COLUMNS, Analysis, RunBatch, corrupt_images, get_analysis, register
-from vit_lens.runs.engine import STOP_AFTER_ENV, ConfigMismatchError, RunReport, read_manifest, run
+from vit_lens.runs.engine import STOP_AFTER_ENV, ConfigMismatchError, RunLockedError, RunReport, read_manifest, run
 from vit_lens.runs.sources import DataSource, open_source
 
 __all__ = [
     "ANALYSES",
     "Analysis",
     "ConfigMismatchError",
+    "RunLockedError",
     "DataSource",
     "ROW_COLUMNS",
     "RunBatch",

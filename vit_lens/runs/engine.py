@@ -26,6 +26,10 @@ CPU, nccl on CUDA), every rank computes the same list of chunks not yet done and
 ``world_size``-th one (no sample is repeated, unlike ``DistributedSampler``'s padding), rank 0
 writes the manifest and shows the progress bar of the whole run. A rank that dies leaves its
 chunks to the rerun.
+
+One run per folder: while a run writes to ``OUT`` it holds ``OUT/.lock`` (its process id and host);
+a second run on the same folder is refused (:class:`RunLockedError`) instead of redoing the same
+chunks. The lock of a process that is gone (``kill -9``) is taken over by the next run.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -50,7 +55,7 @@ from vit_lens.core.errors import InputError
 from vit_lens.runs.analyses import ROW_COLUMNS, RunBatch, get_analysis
 from vit_lens.runs.sources import DataSource, ImageItems, collate, open_source
 
-__all__ = ["run", "RunReport", "ConfigMismatchError", "FORMAT", "STOP_AFTER_ENV", "read_manifest", "shard_dir"]
+__all__ = ["run", "RunReport", "ConfigMismatchError", "RunLockedError", "FORMAT", "STOP_AFTER_ENV", "read_manifest", "shard_dir"]
 
 FORMAT = 1
 TMP_SUFFIX = ".tmp"
@@ -61,6 +66,10 @@ STOP_AFTER_ENV = "VIT_LENS_RUN_STOP_AFTER"
 
 class ConfigMismatchError(InputError):
     """The output folder holds a run made with another configuration."""
+
+
+class RunLockedError(InputError):
+    """Another run is writing to the output folder now."""
 
 
 @dataclass
@@ -128,6 +137,63 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True  # exists (another user's), or cannot tell: keep its files
     return True
+
+
+LOCK_NAME = ".lock"
+_HELD_LOCKS: set = set()  # lock files this process holds now (a lock with our pid not in here is stale)
+
+
+def _acquire_lock(out: Path) -> Path:
+    """Take ``out/.lock`` (created whole, with this process' id and host, by a hard link), taking over
+    the lock of a process that is gone; :class:`RunLockedError` if a live one holds it."""
+    lock = out / LOCK_NAME
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(3):
+        tmp = _tmp_name(lock)
+        tmp.write_text(me)
+        try:
+            os.link(tmp, lock)
+        except FileExistsError:
+            try:
+                pid_s, _, host = lock.read_text().strip().partition(" ")
+                pid = int(pid_s)
+            except (FileNotFoundError, ValueError):
+                pid, host = None, ""
+            if pid is not None:
+                ours = pid == os.getpid() and host == socket.gethostname()
+                if ours and str(lock) in _HELD_LOCKS:
+                    raise RunLockedError(f"this process is already running a run into {out}; wait for it to finish "
+                                         "or give another --out folder") from None
+                if host != socket.gethostname():
+                    raise RunLockedError(
+                        f"{out} is locked by a run on host {host!r} (process {pid}); wait for it to finish, give "
+                        f"another --out folder, or delete {lock} if no run is writing there") from None
+                if not ours and _pid_alive(pid):
+                    raise RunLockedError(
+                        f"another run (process {pid}) is writing to {out} now; wait for it to finish (a rerun then "
+                        f"resumes and finishes the run), or give another --out folder. If no run is going, delete {lock}"
+                    ) from None
+            try:  # a stale lock (its process is gone): take it over
+                lock.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        finally:
+            tmp.unlink(missing_ok=True)
+        _HELD_LOCKS.add(str(lock))
+        return lock
+    raise RunLockedError(f"could not take the lock {lock} (other processes keep taking it); give another --out folder")
+
+
+def _release_lock(lock: Optional[Path]) -> None:
+    if lock is None:
+        return
+    _HELD_LOCKS.discard(str(lock))
+    try:
+        if lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n":
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def remove_stale_temp_files(out: os.PathLike) -> List[Path]:
@@ -269,6 +335,20 @@ def _barrier(dist: Any) -> None:
         dist.barrier()
 
 
+def _dist_device(dist: Any) -> str:
+    """Where a tensor for a collective call lives: this rank's GPU under nccl, else the CPU."""
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
+def _all_ranks_agree(dist: Any, ok: bool) -> bool:
+    """Rank 0's ``ok``, on every rank (so that all ranks refuse together rather than some waiting)."""
+    if dist is None:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.long, device=_dist_device(dist))
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
 def _stop_after(rank: int) -> Optional[int]:
     v = os.environ.get(STOP_AFTER_ENV)
     if not v:
@@ -394,124 +474,136 @@ def run(
                 f"{out} holds a run with another configuration ({diff}); rerun with that run's options to resume it, "
                 "or give another --out folder (or delete that one) to start a new run"
             )
-    manifest = dict(format=FORMAT, vit_lens_version=__version__, model=model.cfg.model_name,
-                    model_spec=model_spec or model.cfg.model_name, analysis=analysis, config_hash=config_hash,
-                    config=config, chunks=chunks, n_images=N, columns=list(ROW_COLUMNS))
+    lock: Optional[Path] = None
+    lock_error = ""
     if rank == 0:
-        shard_dir(out).mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(out)  # left by killed runs (one run per folder at a time)
-        if not manifest_path.exists():
-            _atomic_write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    _barrier(dist)
-
-    sd = shard_dir(out)
-    done_before = {c["index"] for c in chunks if (sd / _shard_name(c["index"])).exists()}
-    if retry_failed:
-        done_before = {k for k in done_before if not shard_failures(sd / _shard_name(k))}
-    pending = [c for c in chunks if c["index"] not in done_before]
-    mine = pending[rank::world]
-    n_pending_images = sum(c["stop"] - c["start"] for c in pending)
-    if rank == 0:
-        what = f"{len(pending)} of {len(chunks)} chunks ({n_pending_images} images) to do"
-        say(f"{analysis} on {N} images ({source.spec}), {what}" + (f", {world} processes" if world > 1 else ""))
-
-    items = ImageItems(source, model.data_config, preprocess, pairs=pairs,
-                       segmentation_root=Path(opts["segmentations"]) if "segmentation" in needs else None,
-                       dtype=dtype)
-    batches = [list(range(s, min(s + int(batch_size), c["stop"]))) for c in mine
-               for s in range(c["start"], c["stop"], int(batch_size))]
-    loader = torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=int(workers), collate_fn=collate,
-                                         persistent_workers=False)
-    stop_after = _stop_after(rank)
-    t0 = time.perf_counter()
-    n_run = 0
-    written = 0
-    chunk_of: Dict[int, Dict[str, Any]] = {}
-    for c in mine:
-        for i in range(c["start"], c["stop"]):
-            chunk_of[i] = c
-    frames: List[Any] = []
-    failures: List[Dict[str, Any]] = []
-    device = model.device
-    labels = source.labels
-    sizes = {c["index"]: c["stop"] - c["start"] for c in chunks}
-
-    def done_images() -> int:
-        return sum(sizes[int(m.group(1))] for f in sd.glob("chunk-*.parquet")
-                   if (m := re.fullmatch(r"chunk-(\d+)\.parquet", f.name)) and int(m.group(1)) not in done_before)
-
-    bar = progress_bar(total=n_pending_images, progress=progress and rank == 0, desc=analysis, unit="image")
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = _acquire_lock(out)
+        except RunLockedError as e:
+            lock_error = str(e)
+    if not _all_ranks_agree(dist, lock is not None or rank != 0):
+        raise RunLockedError(lock_error or f"rank 0 could not take the lock of {out} (its message says why)")
     try:
-        for b in loader:
-            ids_all = sorted([*b["ids"], *(i for i, _ in b["failures"])])
-            chunk = chunk_of[ids_all[0]]
-            n_run += len(ids_all)
-            for i, err in b["failures"]:
-                failures.append(dict(image=i, path=source.paths[i], error=err))
-                say(f"skipped image {i} ({source.paths[i]}): {err}")
-            if b["ids"]:
-                x = b["images"].to(device=device, dtype=dtype)
-                tgt: Optional[torch.Tensor] = None
-                with torch.no_grad():
-                    if target == "pred" and not spec.own_pred:
-                        tgt = model(x).argmax(-1)
-                    elif target == "label":
-                        assert labels is not None
-                        tgt = torch.tensor([labels[i] for i in b["ids"]], dtype=torch.long, device=device)
-                rb = RunBatch(images=x, targets=tgt, ids=list(b["ids"]),
-                              pair=None if "pair" not in b else b["pair"].to(device=device, dtype=dtype),
-                              segmentation=b.get("segmentation"))
-                df = spec.fn(model, rb, **{k: v for k, v in opts.items()})
-                if rb.targets is None:
-                    raise InputError(f"analysis {analysis!r} is registered with own_pred=True but set no targets")
-                tgt = rb.targets
-                pos = df["image"].to_numpy()
-                ids = np.asarray(rb.ids, dtype=np.int64)[pos]
-                df = df.assign(image=ids)
-                df["path"] = [source.paths[i] for i in ids]
-                df["label"] = [-1 if labels is None else labels[i] for i in ids]
-                df["target"] = tgt.cpu().numpy()[pos]
-                frames.append(df)
-            last = max(ids_all)
-            if last == chunk["stop"] - 1:  # the chunk's last batch: write its shard
-                _write_chunk(sd, chunk, frames, failures, config_hash)
-                frames, failures = [], []
-                written += 1
-                if rank == 0:
-                    bar.n = min(n_pending_images, done_images())
-                    bar.refresh()
-                if stop_after is not None and written >= stop_after:
-                    os.kill(os.getpid(), signal.SIGKILL)  # the test hook: die like kill -9
-            elif rank == 0:
-                bar.update(len(ids_all))
+        manifest = dict(format=FORMAT, vit_lens_version=__version__, model=model.cfg.model_name,
+                        model_spec=model_spec or model.cfg.model_name, analysis=analysis, config_hash=config_hash,
+                        config=config, chunks=chunks, n_images=N, columns=list(ROW_COLUMNS))
+        if rank == 0:
+            shard_dir(out).mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(out)  # left by killed runs (one run per folder at a time)
+            if not manifest_path.exists():
+                _atomic_write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        _barrier(dist)
+
+        sd = shard_dir(out)
+        done_before = {c["index"] for c in chunks if (sd / _shard_name(c["index"])).exists()}
+        if retry_failed:
+            done_before = {k for k in done_before if not shard_failures(sd / _shard_name(k))}
+        pending = [c for c in chunks if c["index"] not in done_before]
+        mine = pending[rank::world]
+        n_pending_images = sum(c["stop"] - c["start"] for c in pending)
+        if rank == 0:
+            what = f"{len(pending)} of {len(chunks)} chunks ({n_pending_images} images) to do"
+            say(f"{analysis} on {N} images ({source.spec}), {what}" + (f", {world} processes" if world > 1 else ""))
+
+        items = ImageItems(source, model.data_config, preprocess, pairs=pairs,
+                           segmentation_root=Path(opts["segmentations"]) if "segmentation" in needs else None,
+                           dtype=dtype)
+        batches = [list(range(s, min(s + int(batch_size), c["stop"]))) for c in mine
+                   for s in range(c["start"], c["stop"], int(batch_size))]
+        loader = torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=int(workers), collate_fn=collate,
+                                             persistent_workers=False)
+        stop_after = _stop_after(rank)
+        t0 = time.perf_counter()
+        n_run = 0
+        written = 0
+        chunk_of: Dict[int, Dict[str, Any]] = {}
+        for c in mine:
+            for i in range(c["start"], c["stop"]):
+                chunk_of[i] = c
+        frames: List[Any] = []
+        failures: List[Dict[str, Any]] = []
+        device = model.device
+        labels = source.labels
+        sizes = {c["index"]: c["stop"] - c["start"] for c in chunks}
+
+        def done_images() -> int:
+            return sum(sizes[int(m.group(1))] for f in sd.glob("chunk-*.parquet")
+                       if (m := re.fullmatch(r"chunk-(\d+)\.parquet", f.name)) and int(m.group(1)) not in done_before)
+
+        bar = progress_bar(total=n_pending_images, progress=progress and rank == 0, desc=analysis, unit="image")
+        try:
+            for b in loader:
+                ids_all = sorted([*b["ids"], *(i for i, _ in b["failures"])])
+                chunk = chunk_of[ids_all[0]]
+                n_run += len(ids_all)
+                for i, err in b["failures"]:
+                    failures.append(dict(image=i, path=source.paths[i], error=err))
+                    say(f"skipped image {i} ({source.paths[i]}): {err}")
+                if b["ids"]:
+                    x = b["images"].to(device=device, dtype=dtype)
+                    tgt: Optional[torch.Tensor] = None
+                    with torch.no_grad():
+                        if target == "pred" and not spec.own_pred:
+                            tgt = model(x).argmax(-1)
+                        elif target == "label":
+                            assert labels is not None
+                            tgt = torch.tensor([labels[i] for i in b["ids"]], dtype=torch.long, device=device)
+                    rb = RunBatch(images=x, targets=tgt, ids=list(b["ids"]),
+                                  pair=None if "pair" not in b else b["pair"].to(device=device, dtype=dtype),
+                                  segmentation=b.get("segmentation"))
+                    df = spec.fn(model, rb, **{k: v for k, v in opts.items()})
+                    if rb.targets is None:
+                        raise InputError(f"analysis {analysis!r} is registered with own_pred=True but set no targets")
+                    tgt = rb.targets
+                    pos = df["image"].to_numpy()
+                    ids = np.asarray(rb.ids, dtype=np.int64)[pos]
+                    df = df.assign(image=ids)
+                    df["path"] = [source.paths[i] for i in ids]
+                    df["label"] = [-1 if labels is None else labels[i] for i in ids]
+                    df["target"] = tgt.cpu().numpy()[pos]
+                    frames.append(df)
+                last = max(ids_all)
+                if last == chunk["stop"] - 1:  # the chunk's last batch: write its shard
+                    _write_chunk(sd, chunk, frames, failures, config_hash)
+                    frames, failures = [], []
+                    written += 1
+                    if rank == 0:
+                        bar.n = min(n_pending_images, done_images())
+                        bar.refresh()
+                    if stop_after is not None and written >= stop_after:
+                        os.kill(os.getpid(), signal.SIGKILL)  # the test hook: die like kill -9
+                elif rank == 0:
+                    bar.update(len(ids_all))
+        finally:
+            bar.close()
+        _barrier(dist)
+        seconds = time.perf_counter() - t0
+        if dist is not None:
+            t = torch.tensor([n_run], dtype=torch.long, device=_dist_device(dist))
+            dist.all_reduce(t)
+            n_run = int(t.item())
+        done = sorted(c["index"] for c in chunks if (sd / _shard_name(c["index"])).exists())
+        all_failures = _collect_failures(out)
+        if rank == 0:
+            manifest.update(done=done, n_done=len(done), n_failed=len(all_failures), world_size=world,
+                            updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+            _atomic_write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+            if all_failures:
+                buf = pd.DataFrame(all_failures, columns=["image", "path", "error"]).to_csv(index=False)
+                _atomic_write(out / "failures.csv", buf.encode())
+            elif (out / "failures.csv").exists():
+                (out / "failures.csv").unlink()
+        ips = n_run / seconds if seconds > 0 else float("nan")
+        report = RunReport(out=out, n_chunks=len(chunks), n_done=len(done), n_images_run=n_run, n_failed=len(all_failures),
+                           seconds=seconds, images_per_s=ips, world_size=world)
+        if rank == 0:
+            failed = f"; {len(all_failures)} unreadable image(s) listed in {out / 'failures.csv'}" if all_failures else ""
+            say(f"{len(done)} of {len(chunks)} chunks done; {n_run} images in {seconds:.1f} s ({ips:.1f} images/s)"
+                f"{failed}; results: {out}")
+        return report
     finally:
-        bar.close()
-    _barrier(dist)
-    seconds = time.perf_counter() - t0
-    if dist is not None:
-        t = torch.tensor([n_run], dtype=torch.long,
-                         device=f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t)
-        n_run = int(t.item())
-    done = sorted(c["index"] for c in chunks if (sd / _shard_name(c["index"])).exists())
-    all_failures = _collect_failures(out)
-    if rank == 0:
-        manifest.update(done=done, n_done=len(done), n_failed=len(all_failures), world_size=world,
-                        updated=time.strftime("%Y-%m-%d %H:%M:%S"))
-        _atomic_write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
-        if all_failures:
-            buf = pd.DataFrame(all_failures, columns=["image", "path", "error"]).to_csv(index=False)
-            _atomic_write(out / "failures.csv", buf.encode())
-        elif (out / "failures.csv").exists():
-            (out / "failures.csv").unlink()
-    ips = n_run / seconds if seconds > 0 else float("nan")
-    report = RunReport(out=out, n_chunks=len(chunks), n_done=len(done), n_images_run=n_run, n_failed=len(all_failures),
-                       seconds=seconds, images_per_s=ips, world_size=world)
-    if rank == 0:
-        failed = f"; {len(all_failures)} unreadable image(s) listed in {out / 'failures.csv'}" if all_failures else ""
-        say(f"{len(done)} of {len(chunks)} chunks done; {n_run} images in {seconds:.1f} s ({ips:.1f} images/s)"
-            f"{failed}; results: {out}")
-    return report
+        _release_lock(lock)
 
 
 def _write_chunk(sd: Path, chunk: Dict[str, Any], frames: List[Any], failures: List[Dict[str, Any]],
