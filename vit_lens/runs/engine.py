@@ -145,20 +145,35 @@ _HELD_LOCKS: set = set()  # lock files this process holds now (a lock with our p
 
 def _acquire_lock(out: Path) -> Path:
     """Take ``out/.lock`` (created whole, with this process' id and host, by a hard link), taking over
-    the lock of a process that is gone; :class:`RunLockedError` if a live one holds it."""
+    the lock of a process that is gone; :class:`RunLockedError` if a live one holds it. The takeover is
+    best effort: two runs started in the same instant after a killed one may both proceed; their rows
+    still appear once, since every shard is written whole and replaced atomically."""
     lock = out / LOCK_NAME
     me = f"{os.getpid()} {socket.gethostname()}\n"
-    for _ in range(3):
+    for _ in range(20):
         tmp = _tmp_name(lock)
         tmp.write_text(me)
         try:
-            os.link(tmp, lock)
+            try:
+                os.link(tmp, lock)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: exclusive create (written right after)
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    f.write(me)
         except FileExistsError:
             try:
                 pid_s, _, host = lock.read_text().strip().partition(" ")
                 pid = int(pid_s)
             except (FileNotFoundError, ValueError):
                 pid, host = None, ""
+                try:  # an empty lock younger than a few seconds is being written (the no-hard-link path)
+                    if time.time() - lock.stat().st_mtime < 5:
+                        time.sleep(0.5)
+                        continue
+                except FileNotFoundError:
+                    continue
             if pid is not None:
                 ours = pid == os.getpid() and host == socket.gethostname()
                 if ours and str(lock) in _HELD_LOCKS:
