@@ -24,7 +24,8 @@ ReturnType = Optional[Literal["logits"]]
 
 _READOUT = "readout."
 #: state-dict prefixes of the readout before it was one component (files saved by vit_lens 0.1 format 1)
-_LEGACY_READOUT = ("ln_final.", "fc_norm.", "unembed.", "unembed_dist.", "head_source_", "final_norm_")
+_LEGACY_READOUT = ("ln_final.", "fc_norm.", "unembed.", "unembed_dist.", "head_source_", "final_norm_",
+                   "unembed_patch.")
 
 
 def _legacy_readout_keys(state_dict, prefix, *args, **kwargs) -> None:
