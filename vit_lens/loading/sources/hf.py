@@ -679,11 +679,20 @@ def table_rows() -> List[Tuple[str, str, str, str, str]]:
         (src, "DINOv2 (headless)", "`Dinov2Model`",
          "LayerScale, position embeddings interpolated to the input size as HF does (bicubic, no antialiasing)",
          "none until `set_class_directions(W)`; then `ln_final` on [CLS], then `W`"),
+        (src, "DINOv2 classifier", "`Dinov2ForImageClassification`",
+         "LayerScale, interpolated position embeddings (as `Dinov2Model`); the classifier on concat([CLS], mean of "
+         "the patches) is converted exactly as two heads (`pooling=\"token_avg\"`), any `num_labels` (0 refused)",
+         "`ln_final` on every token, then `W_U` (`W[:D]`, with the bias) on [CLS] plus `W_U_patch` (`W[D:]`) on "
+         "the patch mean; `head=\"cls\"` / `\"patch\"` selects one, the default is their sum"),
+        (src, "DINOv2 with registers", "`Dinov2WithRegistersModel`, `Dinov2WithRegistersForImageClassification`",
+         "register tokens after [CLS] (no position embedding; [CLS]'s is folded into the token), position "
+         "embeddings interpolated as HF does for this family (bicubic, antialiased)",
+         "as `Dinov2Model` / `Dinov2ForImageClassification`; the registers are read by neither head"),
     ]
 
 
-_README_REFUSED = ("Dinov2ForImageClassification", "SiglipVisionModel", "Siglip2VisionModel", "CLIPForImageClassification",
-                   "Dinov2WithRegistersModel", "ViTMAEModel", "BeitModel")
+_README_REFUSED = ("SiglipVisionModel", "Siglip2VisionModel", "CLIPForImageClassification", "Dinov2Backbone",
+                   "ViTMAEModel", "BeitModel")
 
 
 def table_notes() -> str:
@@ -694,8 +703,9 @@ def table_notes() -> str:
         "test builds a small random model from its transformers config and compares the output and every block's "
         "residual stream with transformers' own forward, with eager and with SDPA attention (max abs diff <= 1e-4, "
         "float32), with and without each weight-processing option (headless classes refuse `fold_ln` and "
-        "`center_unembed`, as timm's); ViT-B/16, distilled DeiT-B, CLIP ViT-B/32 and ViT-L/14 and DINOv2-B convert at "
-        f"their real size. Refused up front, naming the feature: {refused}; and every other class."
+        "`center_unembed`, as timm's); ViT-B/16, distilled DeiT-B, CLIP ViT-B/32 and ViT-L/14, DINOv2-B (headless, "
+        "classifier, with 4 registers) convert at their real size. "
+        f"Refused up front, naming the feature: {refused}; and every other class."
     )
 
 
