@@ -289,3 +289,28 @@ def test_ablation_and_class_space_on_token_avg():
 def test_num_labels_zero_is_refused():
     with pytest.raises(VitLensError, match="dinov2_with_registers"):
         HookedViT.from_hf(make("Dinov2WithRegistersForImageClassification", num_labels=0))
+
+
+def test_local_directory_loads_strictly_with_labels_and_the_bit_processor(tmp_path):
+    from vit_lens.loading.checkpoints import CheckpointMismatchError
+
+    model = make("Dinov2WithRegistersForImageClassification", id2label={i: f"kind {i}" for i in range(5)})
+    model.save_pretrained(tmp_path / "m")
+    proc = transformers.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28})
+    proc.save_pretrained(tmp_path / "m")
+    hooked = HookedViT.from_pretrained(f"hf:{tmp_path / 'm'}")
+    x = images()
+    ref, _ = hf_run(model, x)
+    with torch.no_grad():
+        assert (hooked(x) - ref).abs().max() <= TOL
+    assert hooked.class_names == [f"kind {i}" for i in range(5)]
+    assert hooked.data_config["hf_image_processor"]["class"] == "BitImageProcessor"
+    assert hooked.data_config["input_size"] == (3, 28, 28)
+    # a classifier of another width in the files is refused (not silently re-initialised)
+    other = make("Dinov2WithRegistersForImageClassification", num_labels=3)
+    other.save_pretrained(tmp_path / "o")
+    cfg = transformers.AutoConfig.from_pretrained(tmp_path / "o")
+    cfg.num_labels = 5
+    cfg.save_pretrained(tmp_path / "o")
+    with pytest.raises(CheckpointMismatchError):
+        HookedViT.from_hf(str(tmp_path / "o"))
