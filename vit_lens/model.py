@@ -629,7 +629,10 @@ class HookedViT(HookedRootModule):
 
         (with ``fold_ln=True`` the weight is 1 and the bias is folded into ``b_U``).
         Distilled models: the mean of both heads' directions (``class_directions(head=...)``
-        gives each head's). Models with ``fc_norm`` (average pooling) have no ``ln_final``:
+        gives each head's). ``"token_avg"`` models (HF's ``Dinov2ForImageClassification``): the sum
+        of the [CLS] and patch-mean heads' directions; for the exact share of one position use
+        ``class_directions(head="cls")`` at [CLS] and ``class_directions(head="patch") / n_patches``
+        at each patch, or :func:`vit_lens.attribution.dla`. Models with ``fc_norm`` (average pooling) have no ``ln_final``:
         ``ActivationCache.apply_ln_to_stack`` then has no final scale to use; project with
         :meth:`project_to_classes` instead.
         """
