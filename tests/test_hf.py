@@ -39,8 +39,15 @@ CASES = {
     "CLIPVisionModelWithProjection": (transformers.CLIPVisionConfig, dict(projection_dim=24), (32, 32)),
     # DINOv2 interpolates its position embeddings to the input: 42x56 is a 3x4 grid from the native 2x2
     "Dinov2Model": (transformers.Dinov2Config, dict(image_size=28, patch_size=14, layerscale_value=0.5), (42, 56)),
+    "Dinov2ForImageClassification": (transformers.Dinov2Config, dict(image_size=28, patch_size=14, layerscale_value=0.5,
+                                                                      num_labels=7), (42, 56)),
+    # registers: a 4x4 native grid, 6x8 at the input size
+    "Dinov2WithRegistersModel": (transformers.Dinov2WithRegistersConfig, dict(
+        image_size=28, patch_size=7, layerscale_value=0.5, num_register_tokens=2), (42, 56)),
+    "Dinov2WithRegistersForImageClassification": (transformers.Dinov2WithRegistersConfig, dict(
+        image_size=28, patch_size=7, layerscale_value=0.5, num_register_tokens=2, num_labels=7), (42, 56)),
 }
-HEADLESS = {"ViTModel", "DeiTModel", "CLIPVisionModel", "Dinov2Model"}
+HEADLESS = {"ViTModel", "DeiTModel", "CLIPVisionModel", "Dinov2Model", "Dinov2WithRegistersModel"}
 
 
 def make_hf(cls_name: str, attn: str = "eager", seed: int = 0, **overrides):
@@ -59,7 +66,7 @@ def hf_output(model, x):
     """What the HookedViT's output must equal: logits, image_embeds, or the final-norm [CLS]."""
     name = type(model).__name__
     out = model(pixel_values=x)
-    if name in ("ViTModel", "DeiTModel", "Dinov2Model"):
+    if name in ("ViTModel", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersModel"):
         return out.last_hidden_state[:, 0]  # NOT pooler_output for ViT / DeiT (the tanh pooler)
     if name == "CLIPVisionModel":
         return out.pooler_output
@@ -169,7 +176,8 @@ def test_weight_processing_keeps_the_output(cls_name):
 
 
 @pytest.mark.parametrize("cls_name", ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher",
-                                      "CLIPVisionModelWithProjection", "Dinov2Model"])
+                                      "CLIPVisionModelWithProjection", "Dinov2Model",
+                                      "Dinov2WithRegistersForImageClassification"])
 def test_save_load_round_trip(cls_name, tmp_path):
     model = make_hf(cls_name, id2label={i: f"class {i}" for i in range(7)}) if "Classification" in cls_name else make_hf(cls_name)
     hooked = HookedViT.from_hf(model, fold_value_biases=True)
@@ -203,6 +211,12 @@ REAL_SIZE = {
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
         projection_dim=768)),
     "dinov2-base": (transformers.Dinov2Model, transformers.Dinov2Config()),
+    "dinov2-base-imagenet1k-1-layer": (transformers.Dinov2ForImageClassification, transformers.Dinov2Config(num_labels=1000)),
+    "dinov2-with-registers-base": (transformers.Dinov2WithRegistersModel,
+                                   transformers.Dinov2WithRegistersConfig(num_register_tokens=4)),
+    "dinov2-with-registers-base-imagenet1k-1-layer": (transformers.Dinov2WithRegistersForImageClassification,
+                                                      transformers.Dinov2WithRegistersConfig(num_register_tokens=4,
+                                                                                             num_labels=1000)),
 }
 
 
@@ -311,10 +325,14 @@ def test_other_classes_are_refused_naming_the_feature():
         image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128))
     with pytest.raises(UnsupportedModelError, match="attention-pool head"):
         HookedViT.from_hf(siglip)
+    # Dinov2ForImageClassification is converted (tests/test_hf_dinov2.py); without labels its output is the
+    # 2 * hidden_size concat of features, which is refused, naming the backbone to load instead
     dino_cls = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(
-        image_size=28, patch_size=14, hidden_size=64, num_hidden_layers=1, num_attention_heads=4))
-    with pytest.raises(UnsupportedModelError, match=r"concat\(\[CLS\], mean of the patch tokens\)"):
+        image_size=28, patch_size=14, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_labels=0))
+    with pytest.raises(UnsupportedModelError, match=r"num_labels=0.*model\.dinov2\)"):
         HookedViT.from_hf(dino_cls)
+    with pytest.raises(UnsupportedModelError, match="multi-stage feature backbone"):
+        check_supported_class("Dinov2Backbone")
     with pytest.raises(UnsupportedModelError, match="SwiGLU"):
         HookedViT.from_hf(make_hf("Dinov2Model", use_swiglu_ffn=True))
     with pytest.raises(UnsupportedModelError, match="activation"):

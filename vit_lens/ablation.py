@@ -738,10 +738,10 @@ def _check_something_left(cfg: Any, tokens: Tensor, method: str) -> None:
             f"{which} keeps no token at all and this model has no prefix tokens, so nothing is left to classify "
             "from; keep at least one patch"
         )
-    if cfg.pooling == "avg" and method == "remove":
+    if cfg.pooling in ("avg", "token_avg") and method == "remove":
         raise InputError(
-            f"{which} keeps no patch, but this model's classifier averages the patch tokens (pooling='avg'), so "
-            "nothing is left to classify from; keep at least one patch"
+            f"{which} keeps no patch, but this model's classifier averages the patch tokens (pooling={cfg.pooling!r}), "
+            "so the mean it reads is undefined; keep at least one patch"
         )
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Tuple
 import torch
 from vit_lens.core.errors import InputError, OutOfRangeError
 
-Pooling = Literal["token", "avg", "token_dist"]
+Pooling = Literal["token", "avg", "token_dist", "token_avg"]
 ActFn = Literal["gelu", "gelu_tanh", "quick_gelu"]
 
 
@@ -44,7 +44,10 @@ class HookedViTConfig:
         pos_embed_prefix: whether the learned position embedding covers the prefix tokens
             (timm's ``no_embed_class=False``); if False prefix tokens get no position embedding.
         pooling: ``"token"`` (classifier reads [CLS] after the final norm), ``"avg"`` (mean of the
-            patch tokens), ``"token_dist"`` (mean of the [CLS] and distillation heads).
+            patch tokens), ``"token_dist"`` (mean of the [CLS] and distillation heads),
+            ``"token_avg"`` (Hugging Face's ``Dinov2ForImageClassification``: one linear layer on
+            ``concat([CLS], mean of the patch tokens)`` after the final norm, i.e. the sum of a
+            ``"cls"`` head on [CLS] and a ``"patch"`` head on the patch mean).
         act_fn: MLP nonlinearity.
         eps: LayerNorm epsilon (all norms of the model).
         normalization_type: ``"LN"`` (LayerNorm with affine weights) or ``"LNPre"`` (weights folded
@@ -101,10 +104,19 @@ class HookedViTConfig:
             raise InputError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
-        if self.pooling in ("token", "token_dist") and not self.has_class_token:
+        if self.pooling not in ("token", "avg", "token_dist", "token_avg"):
+            raise InputError(
+                f"pooling must be 'token', 'avg', 'token_dist' or 'token_avg', got {self.pooling!r}"
+            )
+        if self.pooling in ("token", "token_dist", "token_avg") and not self.has_class_token:
             raise InputError(f"pooling={self.pooling!r} needs a class token")
         if self.pooling == "token_dist" and self.n_dist_tokens != 1:
             raise InputError("pooling='token_dist' needs exactly one distillation token")
+        if self.pooling == "token_avg" and self.has_fc_norm:
+            raise InputError(
+                "pooling='token_avg' reads the per-token final norm (ln_final) at [CLS] and at the patch mean; "
+                "an fc_norm on the pooled vectors is not a readout any supported model has: set has_fc_norm=False"
+            )
 
     # ------------------------------------------------------------------ derived sizes
     @property

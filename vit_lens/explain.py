@@ -87,6 +87,13 @@ def _require_cls(model, what: str) -> int:
 
 
 def _require_token_pooling(model, what: str) -> None:
+    if model.cfg.pooling == "token_avg":
+        raise InputError(
+            f"{what} explains the logit through [CLS] alone, but {model.cfg.model_name}'s classifier reads "
+            "concat([CLS], mean of the patch tokens) (pooling='token_avg'), so the patch-mean head's share would be "
+            "missing. Use vit_lens.attribution.dla(model, cache, target, by='position') (exact, both heads), or "
+            "attention_rollout / chefer_relevance."
+        )
     if model.cfg.pooling not in ("token", "token_dist"):
         raise InputError(
             f"{what} needs a model that classifies from [CLS] (pooling 'token' or 'token_dist'); "
@@ -310,9 +317,15 @@ def direct_patch_attribution(
 # baselines: attention rollout and Chefer et al.
 # ---------------------------------------------------------------------------------------------
 def _query_rows(model, P: int, B: int, device, dtype) -> Float[Tensor, "batch pos"]:
-    """The row vector whose relevance we propagate: [CLS], or the mean of patch rows for avg pooling."""
+    """The row vector whose relevance we propagate: [CLS], or the mean of patch rows for avg pooling;
+    ``"token_avg"`` (a [CLS] head plus a patch-mean head): half [CLS], half the mean of the patch rows
+    (each head's pooling weights, the two heads weighted equally)."""
     r = torch.zeros(B, P, device=device, dtype=dtype)
-    if model.cfg.pooling in ("token", "token_dist"):
+    if model.cfg.pooling == "token_avg":
+        n_pre = model.cfg.n_prefix_tokens
+        r[:, 0] = 0.5
+        r[:, n_pre:] = 0.5 / (P - n_pre)
+    elif model.cfg.pooling in ("token", "token_dist"):
         r[:, 0] = 1.0
     else:
         n_pre = model.cfg.n_prefix_tokens

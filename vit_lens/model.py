@@ -24,7 +24,8 @@ ReturnType = Optional[Literal["logits"]]
 
 _READOUT = "readout."
 #: state-dict prefixes of the readout before it was one component (files saved by vit_lens 0.1 format 1)
-_LEGACY_READOUT = ("ln_final.", "fc_norm.", "unembed.", "unembed_dist.", "head_source_", "final_norm_")
+_LEGACY_READOUT = ("ln_final.", "fc_norm.", "unembed.", "unembed_dist.", "head_source_", "final_norm_",
+                   "unembed_patch.")
 
 
 def _legacy_readout_keys(state_dict, prefix, *args, **kwargs) -> None:
@@ -628,7 +629,10 @@ class HookedViT(HookedRootModule):
 
         (with ``fold_ln=True`` the weight is 1 and the bias is folded into ``b_U``).
         Distilled models: the mean of both heads' directions (``class_directions(head=...)``
-        gives each head's). Models with ``fc_norm`` (average pooling) have no ``ln_final``:
+        gives each head's). ``"token_avg"`` models (HF's ``Dinov2ForImageClassification``): the sum
+        of the [CLS] and patch-mean heads' directions; for the exact share of one position use
+        ``class_directions(head="cls")`` at [CLS] and ``class_directions(head="patch") / n_patches``
+        at each patch, or :func:`vit_lens.attribution.dla`. Models with ``fc_norm`` (average pooling) have no ``ln_final``:
         ``ActivationCache.apply_ln_to_stack`` then has no final scale to use; project with
         :meth:`project_to_classes` instead.
         """
@@ -638,12 +642,16 @@ class HookedViT(HookedRootModule):
         classes = torch.as_tensor(classes, device=W.device)
         return W.T[classes]
 
-    def class_directions(self, head: Optional[Literal["mean", "cls", "dist"]] = None) -> Float[Tensor, "d_model n_classes"]:
+    def class_directions(self, head: Optional[Literal["mean", "cls", "dist", "patch"]] = None) -> Float[Tensor, "d_model n_classes"]:
         """``W_U`` with the weight of the norm right before the classifier folded in.
 
         Distilled models (``cfg.pooling == "token_dist"``) have two heads: ``head="cls"`` gives the
         [CLS] head's directions, ``"dist"`` the distillation head's and ``"mean"`` (their default)
-        the average of both, the directions :meth:`project_to_classes` uses. Other models have one
+        the average of both, the directions :meth:`project_to_classes` uses. ``"token_avg"`` models
+        (HF's ``Dinov2ForImageClassification``, one linear layer ``W`` on concat([CLS], mean of the
+        patches)) have two heads too: ``head="cls"`` gives ``W[:D]`` (reads [CLS], carries the bias),
+        ``"patch"`` gives ``W[D:]`` (reads the patch mean, no bias), and the default (None) their sum,
+        the classifier applied to a sequence whose every token is the vector. Other models have one
         head (``head`` may be None or ``"cls"``).
         """
         return self.readout.class_directions(head)
@@ -667,7 +675,7 @@ class HookedViT(HookedRootModule):
         self,
         x: Float[Tensor, "... d_model"],
         *,
-        head: Optional[Literal["mean", "cls", "dist"]] = None,
+        head: Optional[Literal["mean", "cls", "dist", "patch"]] = None,
     ) -> Float[Tensor, "... n_classes"]:
         """Project residual-stream vectors onto the classes, each vector on its own.
 
@@ -690,10 +698,15 @@ class HookedViT(HookedRootModule):
         * ``"token_dist"`` (distilled DeiT): ``ln_final``, then by default the mean of both heads
           (``head="cls"`` / ``"dist"`` selects one).
           ``logits == (project_to_classes(r[:, 0], head="cls") + project_to_classes(r[:, 1], head="dist")) / 2``.
+        * ``"token_avg"`` (HF's ``Dinov2ForImageClassification`` and ``...WithRegisters...``):
+          ``ln_final`` on each token, then the [CLS] head on [CLS] plus the patch head on the mean of
+          the patch tokens (register tokens are read by neither); by default the sum of both heads.
+          ``logits == project_to_classes(r[:, 0], head="cls") + project_to_classes(r[:, n:], head="patch").mean(1)``.
 
         Args:
             x: residual vectors [..., d_model] (any leading axes: batch, position, component...).
-            head: distilled models only: ``"mean"`` (default), ``"cls"`` or ``"dist"``.
+            head: distilled models: ``"mean"`` (default), ``"cls"`` or ``"dist"``; ``"token_avg"``
+                models: None (default, the sum), ``"cls"`` or ``"patch"``.
 
         Returns:
             class scores [..., n_classes]. A headless model needs :meth:`set_class_directions` first.
@@ -724,6 +737,10 @@ class HookedViT(HookedRootModule):
                 CLIP's zero-shot cosine logits times ``|image_embedding|`` (a positive
                 per-image factor: same ranking of classes, not the same softmax) when the
                 columns of ``W_text`` have unit norm. Distilled models compose each head.
+                ``"token_avg"`` models (HF's ``Dinov2ForImageClassification``): ``space="residual"``
+                takes ``[2 * d_model, n_classes]`` applied to HF's classifier input
+                concat(final-norm [CLS], mean of the final-norm patches) (rows ``:D`` read [CLS],
+                rows ``D:`` the patch mean); ``space="head"`` composes with both halves, the bias once.
             labels: class names, one per column.
             bias: optional bias [n_classes] (zeros by default).
             space: ``"residual"`` (default) or ``"head"``.
@@ -938,8 +955,9 @@ class HookedViT(HookedRootModule):
         Args:
             model_or_name: a ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
                 ``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``,
-                ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPModel`` (its image tower) or
-                ``Dinov2Model`` -- yours, with any number of labels (``id2label`` -> ``class_names``) -- or
+                ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPModel`` (its image tower),
+                ``Dinov2Model``, ``Dinov2ForImageClassification``, ``Dinov2WithRegistersModel`` or
+                ``Dinov2WithRegistersForImageClassification`` -- yours, with any number of labels (``id2label`` -> ``class_names``) -- or
                 a hub id (``"google/vit-base-patch16-224"``) or a directory written by ``save_pretrained``
                 (the class is ``config.architectures[0]``; weights are loaded strictly).
             image_processor: the ``transformers`` image processor whose output :meth:`preprocess`
@@ -950,8 +968,10 @@ class HookedViT(HookedRootModule):
             **processing: weight-processing options (``fold_ln`` ...), as :meth:`from_pretrained`.
 
         ``ViTModel`` / ``DeiTModel`` carry a tanh ``pooler`` that is not the class-space path: the
-        hooked model's output is the final-norm [CLS] token, as for timm's headless models. Anything
-        else (SigLIP's attention-pool head, ``Dinov2ForImageClassification``'s concat pooling, ...)
+        hooked model's output is the final-norm [CLS] token, as for timm's headless models.
+        ``Dinov2ForImageClassification`` and ``Dinov2WithRegisters{Model,ForImageClassification}``
+        are converted too (concat pooling as ``pooling="token_avg"``). Anything
+        else (SigLIP's attention-pool head, ``Dinov2Backbone``, ...)
         is refused with :class:`~vit_lens.UnsupportedModelError` naming the feature.
         ``from_pretrained("hf:NAME")`` is the same as ``from_hf("NAME")``.
         """

@@ -5,8 +5,11 @@ Everything that turns a residual stream into class scores lives here, once:
 * the final norms: ``ln_final`` (timm's ``norm``, on every token) and ``fc_norm`` (on the pooled
   vector), either or both absent;
 * the pooling (:attr:`HookedViTConfig.pooling`): ``"token"`` reads [CLS], ``"token_dist"`` reads
-  [CLS] and the distillation token (one head each, averaged), ``"avg"`` averages the patch tokens;
-* the classifier(s) ``unembed`` (and ``unembed_dist``): the class embeddings ``W_U``;
+  [CLS] and the distillation token (one head each, averaged), ``"avg"`` averages the patch tokens,
+  ``"token_avg"`` reads [CLS] and the mean of the patch tokens (one head each, summed: Hugging
+  Face's ``Dinov2ForImageClassification``, whose one linear layer on ``concat([CLS], mean)`` is
+  exactly ``[CLS] @ W[:D] + b + mean @ W[D:]``);
+* the classifier(s) ``unembed`` (and ``unembed_dist``, or ``unembed_patch``): the class embeddings ``W_U``;
 * the class directions a user sets (:meth:`Readout.set_class_directions`), and the state needed so
   that directions set later mean the same after weight processing and after save / load: the
   original head in the current basis (``head_source_*``) and the final norm's affine map folded
@@ -38,11 +41,12 @@ from vit_lens.components.layer_norm import LayerNorm
 from vit_lens.config import HookedViTConfig
 from vit_lens.core.errors import InputError, InputTypeError
 
-Head = Optional[Literal["mean", "cls", "dist"]]
+Head = Optional[Literal["mean", "cls", "dist", "patch"]]
 ProjectMode = Literal["paper", "dla"]
 
 #: declared head state (persistent buffers; present once a head was snapshotted / a norm folded)
-HEAD_STATE = ("head_source_W", "head_source_b", "head_source_W_dist", "head_source_b_dist", "final_norm_w", "final_norm_b")
+HEAD_STATE = ("head_source_W", "head_source_b", "head_source_W_dist", "head_source_b_dist", "final_norm_w", "final_norm_b",
+              "head_source_W_patch", "head_source_b_patch")
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,9 @@ class ReadGroup:
 
     ``logits = sum over groups of weight * (sum over positions of normed token) @ W_head + ...``:
     ``positions`` is a slice of the sequence, ``weight`` the pooling weight of every token in it
-    (1 for [CLS]; 1/2 for each head of a distilled model; 1 / n_patches for average pooling),
-    ``head`` the classifier (``None``, ``"cls"`` or ``"dist"``).
+    (1 for [CLS]; 1/2 for each head of a distilled model; 1 / n_patches for average pooling;
+    for ``"token_avg"`` 1 on [CLS] (head ``"cls"``) and 1 / n_patches on every patch (head
+    ``"patch"``)), ``head`` the classifier (``None``, ``"cls"``, ``"dist"`` or ``"patch"``).
     """
 
     positions: slice
@@ -74,6 +79,8 @@ class Readout(nn.Module):
     head_source_b_dist: Optional[Tensor]
     final_norm_w: Optional[Tensor]
     final_norm_b: Optional[Tensor]
+    head_source_W_patch: Optional[Tensor]
+    head_source_b_patch: Optional[Tensor]
 
     def __init__(self, cfg: HookedViTConfig):
         super().__init__()
@@ -85,6 +92,9 @@ class Readout(nn.Module):
         n = cfg.n_classes
         self.unembed = Unembed(cfg.d_model, n) if n > 0 else None
         self.unembed_dist = Unembed(cfg.d_model, n) if cfg.pooling == "token_dist" and n > 0 else None
+        #: ``"token_avg"``: the head on the mean of the patch tokens (``W[D:]`` of HF's concat classifier;
+        #: its bias is zero until ``fold_ln`` folds the final norm's bias through it)
+        self.unembed_patch = Unembed(cfg.d_model, n) if cfg.pooling == "token_avg" and n > 0 else None
         for name in HEAD_STATE:
             self.register_buffer(name, None, persistent=True)
         #: class names, index-aligned with the columns of ``W_U`` (None if unknown)
@@ -120,6 +130,9 @@ class Readout(nn.Module):
         if self.unembed_dist is not None:
             self._set_state("head_source_W_dist", self.unembed_dist.W_U)
             self._set_state("head_source_b_dist", self.unembed_dist.b_U)
+        if self.unembed_patch is not None:
+            self._set_state("head_source_W_patch", self.unembed_patch.W_U)
+            self._set_state("head_source_b_patch", self.unembed_patch.b_U)
 
     def remember_final_norm(self, w: Optional[Tensor], b: Optional[Tensor]) -> None:
         """Record the final norm's affine map when ``fold_ln`` folds it away (see
@@ -128,7 +141,8 @@ class Readout(nn.Module):
 
         self._set_state("final_norm_w", w)
         self._set_state("final_norm_b", b)
-        for kW, kb in (("head_source_W", "head_source_b"), ("head_source_W_dist", "head_source_b_dist")):
+        for kW, kb in (("head_source_W", "head_source_b"), ("head_source_W_dist", "head_source_b_dist"),
+                       ("head_source_W_patch", "head_source_b_patch")):
             if getattr(self, kW) is not None:
                 W, bias = fold_into(getattr(self, kW), getattr(self, kb), w, b, 0)
                 self._set_state(kW, W)
@@ -142,14 +156,16 @@ class Readout(nn.Module):
 
     @property
     def n_pooled_prefix(self) -> int:
-        """How many leading tokens the classifier reads (1 for [CLS], 2 distilled, 0 for average pooling)."""
+        """How many leading tokens the classifier reads *and nothing else* (1 for [CLS], 2 distilled; 0 for
+        average pooling and for ``"token_avg"``, whose patch head reads every patch)."""
         return {"token": 1, "token_dist": 2}.get(self.cfg.pooling, 0)
 
     @property
     def cls_head(self) -> Head:
-        """The classifier that reads [CLS]: ``"cls"`` for a distilled model, else ``None`` (its one
-        head). Projections of [CLS] vectors use it."""
-        return "cls" if self.cfg.pooling == "token_dist" else None
+        """The classifier that reads [CLS]: ``"cls"`` for a distilled model and for ``"token_avg"``
+        (the [CLS] half of the concat classifier, with the bias), else ``None`` (its one head).
+        Projections of [CLS] vectors use it."""
+        return "cls" if self.cfg.pooling in ("token_dist", "token_avg") else None
 
     def read_groups(self, n_pos: int) -> List[ReadGroup]:
         """The positions each classifier head reads and their pooling weights (for a sequence of
@@ -162,17 +178,28 @@ class Readout(nn.Module):
         n = n_pos - cfg.n_prefix_tokens
         if n <= 0:
             raise InputError(f"{cfg.model_name} averages its image tokens, but the sequence has none ({n_pos} positions)")
+        if cfg.pooling == "token_avg":
+            return [ReadGroup(slice(0, 1), 1.0, "cls"), ReadGroup(slice(cfg.n_prefix_tokens, n_pos), 1.0 / n, "patch")]
         return [ReadGroup(slice(cfg.n_prefix_tokens, n_pos), 1.0 / n, None)]
 
     def pool(self, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
         """The pooling alone (no norm): [CLS] ``[batch, d_model]``; [CLS, DIST] ``[batch, 2, d_model]``;
-        or the mean of the patch tokens ``[batch, d_model]``."""
+        the mean of the patch tokens ``[batch, d_model]``; or ``"token_avg"``: [CLS, mean of the
+        patch tokens] ``[batch, 2, d_model]`` (registers and other prefix tokens are in neither)."""
         p = self.cfg.pooling
         if p == "token":
             return x[:, 0]
         if p == "token_dist":
             return x[:, :2]
-        return x[:, self.cfg.n_prefix_tokens:].mean(dim=1)
+        n_pre = self.cfg.n_prefix_tokens
+        if x.shape[1] <= n_pre:
+            raise InputError(
+                f"{self.cfg.model_name} averages its image tokens, but the sequence has none ({x.shape[1]} positions, "
+                f"{n_pre} prefix tokens): pass the whole residual stream [batch, pos, d_model]"
+            )
+        if p == "token_avg":
+            return torch.stack([x[:, 0], x[:, n_pre:].mean(dim=1)], dim=1)
+        return x[:, n_pre:].mean(dim=1)
 
     def pooled(self, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
         """``ln_final`` -> pooling -> ``fc_norm`` -> ``hook_pooled``: the classifier input."""
@@ -185,11 +212,17 @@ class Readout(nn.Module):
 
     def classify(self, pooled: Tensor) -> Tensor:
         """The classifier(s) on the pooled features (a headless model returns the features;
-        a distilled one the mean of its two heads, as timm)."""
+        a distilled one the mean of its two heads, as timm; ``"token_avg"`` the sum of the [CLS]
+        head and the patch-mean head, which is HF's linear layer on the concat; headless
+        ``"token_avg"``: the concat ``[batch, 2 * d_model]``, as HF's identity classifier)."""
         if self.unembed is None:
+            if self.cfg.pooling == "token_avg":
+                return pooled.flatten(1)
             return pooled.mean(dim=1) if self.cfg.pooling == "token_dist" else pooled
         if self.cfg.pooling == "token_dist":
             return (self.unembed(pooled[:, 0]) + self.unembed_dist(pooled[:, 1])) / 2  # type: ignore[misc]  # token_dist with a head has both
+        if self.cfg.pooling == "token_avg":
+            return self.unembed(pooled[:, 0]) + self.unembed_patch(pooled[:, 1])  # type: ignore[misc]  # token_avg with a head has both
         return self.unembed(pooled)
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
@@ -220,8 +253,26 @@ class Readout(nn.Module):
 
     def head_weights(self, head: Head = None) -> Tuple[Tensor, Tensor]:
         """``(W [d_model, n_classes], b [n_classes])`` of the classifier ``head`` selects: distilled
-        models ``"mean"`` (default), ``"cls"`` or ``"dist"``; others have one head."""
+        models ``"mean"`` (default), ``"cls"`` or ``"dist"``; ``"token_avg"`` models (HF's
+        ``Dinov2ForImageClassification``) ``"cls"`` (``W[:D]`` of the concat classifier, with its
+        bias), ``"patch"`` (``W[D:]``, reading the patch mean; bias zero unless ``fold_ln`` folded
+        the final norm's bias into it) or ``None`` (default): their sum ``W[:D] + W[D:]`` with both
+        biases, the classifier applied to a sequence whose every token is the vector; others have
+        one head."""
         unembed = self.require_head()
+        if self.cfg.pooling == "token_avg":
+            patch = self.unembed_patch
+            assert patch is not None  # token_avg with a head has both
+            if head is None:
+                return unembed.W_U + patch.W_U, unembed.b_U + patch.b_U
+            if head == "cls":
+                return unembed.W_U, unembed.b_U
+            if head == "patch":
+                return patch.W_U, patch.b_U
+            raise InputError(
+                f"head must be None (the sum of both heads), 'cls' (the [CLS] head) or 'patch' (the patch-mean head) "
+                f"for {self.cfg.model_name}, whose classifier reads concat([CLS], mean of the patches); got {head!r}"
+            )
         if self.cfg.pooling == "token_dist":
             head = head or "mean"
             if head == "cls":
@@ -231,6 +282,11 @@ class Readout(nn.Module):
             if head == "mean":
                 return (unembed.W_U + self.unembed_dist.W_U) / 2, (unembed.b_U + self.unembed_dist.b_U) / 2  # type: ignore[union-attr]
             raise InputError(f"head must be 'mean', 'cls' or 'dist' for a distilled model, got {head!r}")
+        if head == "patch":
+            raise InputError(
+                f"head='patch' is only meaningful for models whose classifier reads concat([CLS], mean of the "
+                f"patches) (pooling='token_avg'); {self.cfg.model_name} has pooling={self.cfg.pooling!r}: leave head=None"
+            )
         if head not in (None, "cls", "mean"):
             raise InputError(
                 f"head={head!r} is only meaningful for distilled models (two heads); "
@@ -305,7 +361,13 @@ class Readout(nn.Module):
                   device: torch.device, dtype: torch.dtype) -> List[Tuple[Tensor, Tensor]]:
         """New class directions as classifier weights in the current basis (see
         :meth:`HookedViT.set_class_directions`); ``applied``: the weight processing done so far;
-        ``device`` / ``dtype``: the model's."""
+        ``device`` / ``dtype``: the model's.
+
+        ``"token_avg"`` models (HF's ``Dinov2ForImageClassification``): ``space="residual"`` takes
+        ``W [2 * d_model, n_classes]`` applied to the concat ``[final-norm [CLS], mean of the
+        final-norm patches]`` (HF's classifier input), split into a [CLS] head ``W[:D]`` (with the
+        bias) and a patch head ``W[D:]``; ``space="head"`` composes with both original heads (the
+        bias added once)."""
         from vit_lens.loading.processing import fold_into
 
         ref = device
@@ -330,7 +392,15 @@ class Readout(nn.Module):
         # every check before the snapshot: a refused call leaves the model as it was
         if space not in ("residual", "head"):
             raise InputError(f"space must be 'residual' or 'head', got {space!r}")
-        if space == "residual" and W.shape[0] != self.cfg.d_model:
+        concat = self.cfg.pooling == "token_avg"
+        D = self.cfg.d_model
+        if space == "residual" and concat and W.shape[0] != 2 * D:
+            raise InputError(
+                f"{self.cfg.model_name} classifies concat([CLS], mean of the patch tokens) (pooling='token_avg'), so "
+                f"space='residual' directions are [2 * d_model={2 * D}, n_classes] (rows :{D} read [CLS], rows {D}: the "
+                f"patch mean), got {tuple(W.shape)}; to read [CLS] only pass torch.cat([W, torch.zeros_like(W)])"
+            )
+        if space == "residual" and not concat and W.shape[0] != self.cfg.d_model:
             raise InputError(
                 f"W must be [d_model={self.cfg.d_model}, n_classes], got {tuple(W.shape)}; for directions in the space "
                 "of the model's head outputs (e.g. CLIP text embeddings) pass space='head'."
@@ -345,15 +415,15 @@ class Readout(nn.Module):
         self.snapshot_head()
         with torch.no_grad():
             if space == "residual":
-                D = self.cfg.d_model
-                if W.shape[0] != D:
+                if W.shape[0] != (2 * D if concat else D):
                     raise InputError(
                         f"W must be [d_model={D}, n_classes], got {tuple(W.shape)}; for directions in the space of "
                         "the model's head outputs (e.g. CLIP text embeddings) pass space='head'."
                     )
+                parts = [(W[:D], b), (W[D:], torch.zeros_like(b))] if concat else [(W, b)]
                 if self.final_norm_w is not None or self.final_norm_b is not None:
-                    W, b = fold_into(W, b, self.final_norm_w, self.final_norm_b, 0)
-                heads = [(W, b)]
+                    parts = [fold_into(Wp, bp, self.final_norm_w, self.final_norm_b, 0) for Wp, bp in parts]
+                heads = list(parts)
             elif space == "head":
                 src = self.head_source_W
                 if src is None:
@@ -369,6 +439,8 @@ class Readout(nn.Module):
                 heads = [(src @ W, self.head_source_b @ W + b)]  # type: ignore[operator]  # set with head_source_W
                 if self.head_source_W_dist is not None:
                     heads.append((self.head_source_W_dist @ W, self.head_source_b_dist @ W + b))  # type: ignore[operator]
+                if self.head_source_W_patch is not None:  # the concat classifier's two halves: the bias once
+                    heads.append((self.head_source_W_patch @ W, self.head_source_b_patch @ W))  # type: ignore[operator]
             else:
                 raise InputError(f"space must be 'residual' or 'head', got {space!r}")
             if "center_unembed" in applied:
@@ -391,6 +463,10 @@ class Readout(nn.Module):
         self.unembed = unembeds[0]
         if self.cfg.pooling == "token_dist":
             self.unembed_dist = unembeds[-1]
+        if self.cfg.pooling == "token_avg":
+            if len(unembeds) != 2:
+                raise InputError("pooling='token_avg' needs two heads ([CLS] and patch mean) from new_heads")
+            self.unembed_patch = unembeds[1]
         self.cfg.n_classes = n
         self.class_names = list(labels) if labels is not None else None
         self.class_synsets = None

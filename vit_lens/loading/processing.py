@@ -134,7 +134,7 @@ def _center(x: Tensor, dim: int = -1) -> Tensor:
 
 
 def _head_keys(sd: Dict[str, Tensor]) -> List[Tuple[str, str]]:
-    return [(f"{R}{h}.W_U", f"{R}{h}.b_U") for h in ("unembed", "unembed_dist") if f"{R}{h}.W_U" in sd]
+    return [(f"{R}{h}.W_U", f"{R}{h}.b_U") for h in ("unembed", "unembed_dist", "unembed_patch") if f"{R}{h}.W_U" in sd]
 
 
 def process_state_dict(

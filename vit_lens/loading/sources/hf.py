@@ -24,8 +24,19 @@ Supported classes (:data:`SUPPORTED_CLASSES`), with what the HookedViT reads out
   [CLS], HF's ``pooler_output``); position embeddings interpolated to the input size exactly as HF
   does (bicubic, no antialiasing), so any multiple of the patch size is accepted.
 
-``Dinov2ForImageClassification`` (concat([CLS], mean of patches) into one linear layer) is refused:
-the readout has no such pooling yet. Every other class is refused up front, naming the feature
+- ``Dinov2ForImageClassification``: one linear layer on ``concat(final-norm [CLS], mean of the
+  final-norm patch tokens)``, converted exactly as ``pooling="token_avg"``: a [CLS] head ``W_U`` =
+  ``classifier.weight[:, :D].T`` with the bias and a patch-mean head ``W_U_patch`` =
+  ``classifier.weight[:, D:].T`` without one (``class_directions(head="cls"|"patch")``; the default
+  head is their sum). ``num_labels=0`` (HF's identity classifier) is refused: load ``model.dinov2``.
+- ``Dinov2WithRegistersModel`` / ``Dinov2WithRegistersForImageClassification``: register tokens sit
+  between [CLS] and the patches (positions ``1 .. num_register_tokens``) and get no position
+  embedding; HF adds the [CLS] position embedding to [CLS], which is folded into ``cls_token``
+  (``pos_embed_prefix=False``: ``hook_pos_embed`` is zero at every prefix position). HF interpolates
+  this family's position embeddings *with* antialiasing (the plain DINOv2 classes without), and so
+  does the HookedViT. The classifier skips the registers: concat([CLS], mean of the patches).
+
+Every other class is refused up front, naming the feature
 (:data:`REFUSED_CLASSES`), as are configurations HookedViT does not reproduce exactly (SwiGLU MLPs,
 unknown activations, non-square DINOv2 grids, ...).
 
@@ -66,15 +77,19 @@ SUPPORTED_CLASSES: Dict[str, Tuple[str, str]] = {
     "CLIPVisionModelWithProjection": ("clip", "image_embeds: visual_projection of the post_layernorm [CLS]"),
     "CLIPModel": ("clip", "image tower only: image_embeds (as CLIPVisionModelWithProjection)"),
     "Dinov2Model": ("dinov2", "final-norm [CLS] (HF's pooler_output)"),
+    "Dinov2ForImageClassification": ("dinov2", "logits: classifier on concat(final-norm [CLS], mean of the patches)"),
+    "Dinov2WithRegistersModel": ("dinov2", "final-norm [CLS] (HF's pooler_output); register tokens"),
+    "Dinov2WithRegistersForImageClassification": ("dinov2", "logits: classifier on concat(final-norm [CLS], mean of "
+                                                  "the patches); register tokens"),
 }
+
+#: the DINOv2 classes with register tokens
+_REGISTER_CLASSES = ("Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification")
+#: the DINOv2 classes whose classifier reads concat([CLS], mean of the patches)
+_CONCAT_CLASSES = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
 
 #: HF classes refused up front, with the feature that makes them different
 REFUSED_CLASSES: Dict[str, str] = {
-    "Dinov2ForImageClassification": "its classifier reads concat([CLS], mean of the patch tokens), a pooling "
-    "HookedViT's readout does not have; load the backbone with HookedViT.from_hf(model.dinov2) and set "
-    "model.set_class_directions(W) from model.classifier if you need its classes",
-    "Dinov2WithRegistersModel": "DINOv2 with registers through transformers (use timm's vit_*_reg4_dinov2)",
-    "Dinov2WithRegistersForImageClassification": "DINOv2 with registers through transformers",
     "Dinov2Backbone": "a multi-stage feature backbone (load Dinov2Model instead)",
     "SiglipVisionModel": "SigLIP's attention-pool head (multihead attention pooling)",
     "SiglipModel": "SigLIP's attention-pool head (multihead attention pooling)",
@@ -164,8 +179,13 @@ def _parts(model: Any, cls_name: str) -> Dict[str, Any]:
         p["ln_pre"], p["norm"] = get(vm, "pre_layrnorm"), get(vm, "post_layernorm")
         if cls_name != "CLIPVisionModel":
             p["proj"] = get(model, "visual_projection")
-    elif cls_name == "Dinov2Model":
-        p["emb"], p["layers"], p["norm"] = get(model, "embeddings"), list(get(model, "encoder.layer")), get(model, "layernorm")
+    elif cls_name in ("Dinov2Model", "Dinov2WithRegistersModel") or cls_name in _CONCAT_CLASSES:
+        if cls_name.endswith("Model"):
+            base = model
+        else:
+            base = get(model, "dinov2_with_registers" if cls_name in _REGISTER_CLASSES else "dinov2")
+            p["heads"] = [get(model, "classifier")]
+        p["emb"], p["layers"], p["norm"] = get(base, "embeddings"), list(get(base, "encoder.layer")), get(base, "layernorm")
     else:
         check_supported_class(cls_name)
     return p
@@ -277,6 +297,15 @@ def config_from_hf(model: Any, name: Optional[str] = None) -> HookedViTConfig:
         n_classes = 0
     if pooling == "token_dist" and n_classes == 0:
         pooling = "token"  # no classifier: the output is the final-norm [CLS], as DeiTModel's
+    n_reg = int(getattr(vc, "num_register_tokens", 0) or 0) if cls_name in _REGISTER_CLASSES else 0
+    if cls_name in _CONCAT_CLASSES:
+        if n_classes == 0:
+            refuse(f"{cls_name} with num_labels=0 (its output is then the concat [CLS] + patch mean features of width "
+                   f"2 * hidden_size; load its backbone instead: HookedViT.from_hf(model."
+                   f"{'dinov2_with_registers' if n_reg or cls_name in _REGISTER_CLASSES else 'dinov2'}))")
+        if int(heads[0].in_features) != 2 * D:
+            refuse(f"a classifier of input width {heads[0].in_features} (concat([CLS], mean) is 2 x {D})")
+        pooling = "token_avg"
     pos = emb.position_embedding.weight if family == "clip" else emb.position_embeddings
     n_patches = (image_size[0] // patch_size[0]) * (image_size[1] // patch_size[1])
     n_pos = int(pos.shape[-2])
@@ -287,11 +316,13 @@ def config_from_hf(model: Any, name: Optional[str] = None) -> HookedViTConfig:
     if dynamic:
         if image_size[0] != image_size[1] or patch_size[0] != patch_size[1]:
             refuse(f"a non-square DINOv2 grid ({image_size}, patches {patch_size}): HF interpolates from a square grid")
-        extra["pos_embed_antialias"] = False  # HF's bicubic interpolation has no antialiasing (timm's has)
+        # HF's Dinov2 interpolation has no antialiasing (timm's has); Dinov2WithRegisters' has
+        extra["pos_embed_antialias"] = cls_name in _REGISTER_CLASSES
     cfg = HookedViTConfig(
         n_layers=len(layers), d_model=D, n_heads=H, d_head=E, d_mlp=d_mlp, n_classes=n_classes,
         image_size=image_size, patch_size=patch_size, in_chans=int(conv.in_channels), has_class_token=True,
-        n_dist_tokens=n_dist, n_register_tokens=0, pos_embed_prefix=True, pooling=pooling, act_fn=act,  # type: ignore[arg-type]
+        n_dist_tokens=n_dist, n_register_tokens=n_reg, pos_embed_prefix=cls_name not in _REGISTER_CLASSES,
+        pooling=pooling, act_fn=act,  # type: ignore[arg-type]
         eps=eps.pop(), normalization_type="LN", has_norm_pre=p["ln_pre"] is not None, has_ln_final=True,
         has_fc_norm=False, post_norm=False, dynamic_img_size=dynamic, model_name=model_name, extra=extra,
     )
@@ -322,6 +353,12 @@ def state_dict_from_hf(model: Any, cfg: HookedViTConfig) -> Dict[str, torch.Tens
             conv = emb.patch_embeddings.projection
             sd["embed.cls_token"] = emb.cls_token
             sd["pos_embed.W_pos"] = emb.position_embeddings
+            if cfg.n_register_tokens or cls_name in _REGISTER_CLASSES:
+                # registers get no position embedding; HF adds position 0 to [CLS]: fold it into the token
+                sd["embed.cls_token"] = emb.cls_token + emb.position_embeddings[:, :1]
+                sd["pos_embed.W_pos"] = emb.position_embeddings[:, 1:]
+                if cfg.n_register_tokens:
+                    sd["embed.reg_token"] = emb.register_tokens
             if cfg.n_dist_tokens:
                 sd["embed.dist_token"] = emb.distillation_token
         sd["embed.W_E"] = conv.weight
@@ -354,6 +391,10 @@ def state_dict_from_hf(model: Any, cfg: HookedViTConfig) -> Dict[str, torch.Tens
                 heads = p["heads"]
             sd["unembed.W_U"] = heads[0].weight.T
             sd["unembed.b_U"] = bias(heads[0], cfg.n_classes)
+            if cfg.pooling == "token_avg":  # concat([CLS], mean of patches) @ W.T + b == [CLS] @ W[:, :D].T + b + mean @ W[:, D:].T
+                sd["unembed.W_U"] = heads[0].weight[:, :D].T
+                sd["unembed_patch.W_U"] = heads[0].weight[:, D:].T
+                sd["unembed_patch.b_U"] = torch.zeros_like(sd["unembed.b_U"])
             if cfg.pooling == "token_dist":
                 sd["unembed_dist.W_U"] = heads[1].weight.T
                 sd["unembed_dist.b_U"] = bias(heads[1], cfg.n_classes)
@@ -638,11 +679,20 @@ def table_rows() -> List[Tuple[str, str, str, str, str]]:
         (src, "DINOv2 (headless)", "`Dinov2Model`",
          "LayerScale, position embeddings interpolated to the input size as HF does (bicubic, no antialiasing)",
          "none until `set_class_directions(W)`; then `ln_final` on [CLS], then `W`"),
+        (src, "DINOv2 classifier", "`Dinov2ForImageClassification`",
+         "LayerScale, interpolated position embeddings (as `Dinov2Model`); the classifier on concat([CLS], mean of "
+         "the patches) is converted exactly as two heads (`pooling=\"token_avg\"`), any `num_labels` (0 refused)",
+         "`ln_final` on every token, then `W_U` (`W[:D]`, with the bias) on [CLS] plus `W_U_patch` (`W[D:]`) on "
+         "the patch mean; `head=\"cls\"` / `\"patch\"` selects one, the default is their sum"),
+        (src, "DINOv2 with registers", "`Dinov2WithRegistersModel`, `Dinov2WithRegistersForImageClassification`",
+         "register tokens after [CLS] (no position embedding; [CLS]'s is folded into the token), position "
+         "embeddings interpolated as HF does for this family (bicubic, antialiased)",
+         "as `Dinov2Model` / `Dinov2ForImageClassification`; the registers are read by neither head"),
     ]
 
 
-_README_REFUSED = ("Dinov2ForImageClassification", "SiglipVisionModel", "Siglip2VisionModel", "CLIPForImageClassification",
-                   "Dinov2WithRegistersModel", "ViTMAEModel", "BeitModel")
+_README_REFUSED = ("SiglipVisionModel", "Siglip2VisionModel", "CLIPForImageClassification", "Dinov2Backbone",
+                   "ViTMAEModel", "BeitModel")
 
 
 def table_notes() -> str:
@@ -653,8 +703,9 @@ def table_notes() -> str:
         "test builds a small random model from its transformers config and compares the output and every block's "
         "residual stream with transformers' own forward, with eager and with SDPA attention (max abs diff <= 1e-4, "
         "float32), with and without each weight-processing option (headless classes refuse `fold_ln` and "
-        "`center_unembed`, as timm's); ViT-B/16, distilled DeiT-B, CLIP ViT-B/32 and ViT-L/14 and DINOv2-B convert at "
-        f"their real size. Refused up front, naming the feature: {refused}; and every other class."
+        "`center_unembed`, as timm's); ViT-B/16, distilled DeiT-B, CLIP ViT-B/32 and ViT-L/14, DINOv2-B (headless, "
+        "classifier, with 4 registers) convert at their real size. "
+        f"Refused up front, naming the feature: {refused}; and every other class."
     )
 
 
