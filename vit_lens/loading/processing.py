@@ -68,6 +68,9 @@ def validate_processing_options(options: Dict[str, object]) -> None:
     if unknown:
         raise InputTypeError(
             f"unexpected keyword argument(s) {unknown}; weight-processing options are {list(PROCESSING_OPTIONS)}"
+            + ("; interpolate_pos_encoding is an option of Hugging Face models (HookedViT.from_hf, 'hf:NAME'): a timm "
+               "model accepts other image sizes with timm_kwargs=dict(dynamic_img_size=True)"
+               if "interpolate_pos_encoding" in unknown else "")
         )
     for k, v in options.items():
         if not isinstance(v, bool):
