@@ -46,7 +46,7 @@ later mean the same with or without processing.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -62,7 +62,7 @@ class ProcessingError(InputError):
     """A weight-processing option that would not preserve this model."""
 
 
-def validate_processing_options(options: Dict[str, object]) -> None:
+def validate_processing_options(options: Mapping[str, object]) -> None:
     """Refuse unknown keywords (nothing passed to ``from_pretrained`` is silently dropped)."""
     unknown = sorted(set(options) - set(PROCESSING_OPTIONS))
     if unknown:
