@@ -150,3 +150,16 @@ def test_saved_and_loaded_and_through_from_pretrained(tmp_path):
     with torch.no_grad():
         for m in (by_name, loaded):
             assert (m(x) - ref).abs().max() <= TOL
+
+
+def test_weight_processing_keeps_the_output_at_other_sizes():
+    """Centring the position embeddings commutes with their interpolation (both linear, on different axes):
+    every processing option keeps HF's logits at a non-native size (up to center_unembed's per-image shift)."""
+    model = make("DeiTForImageClassificationWithTeacher")
+    x = torch.randn(2, 3, 24, 40, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, _ = hf_run(model, x)
+        got = HookedViT.from_hf(model, interpolate_pos_encoding=True, fold_ln=True, center_writing_weights=True,
+                                center_unembed=True, fold_value_biases=True)(x)
+    centred = ref - ref.mean(-1, keepdim=True)
+    assert (got - centred).abs().max() <= TOL
