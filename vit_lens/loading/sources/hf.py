@@ -567,7 +567,8 @@ def load(name: str, *, checkpoint_path: Optional[Union[str, os.PathLike]] = None
         if local:
             raise CheckpointMismatchError(
                 f"{src!r}: transformers could not load {cls_name} from it ({type(e).__name__}: {str(e)[:300]}); "
-                "write the folder with model.save_pretrained(DIR)"
+                "check that config.json (sizes, num_labels) describes the saved weights, or write the folder with "
+                "model.save_pretrained(DIR)"
             ) from e
         raise _hub_error(name, e) from e
     missing = sorted(info.get("missing_keys") or [])
