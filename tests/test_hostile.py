@@ -570,3 +570,224 @@ def test_cli_hostile_class_exits_2_with_one_line(case, tmp_path, capsys, monkeyp
     errors = [line for line in err if line.startswith("vit-lens")]  # (a folder also reports "N images found")
     assert len(errors) == 1 and len(err) <= 2, err
     assert not any("Traceback" in line for line in err) and phrase in errors[0], err
+
+
+# ---------------------------------------------------------------- the other sources and CLIP text classes
+# from_hf, from_open_clip, from_pretrained("hf:..." / "open_clip:...") and vit_lens.clip: every case raises a
+# library error that says what to do, and no model (the HF model, the OpenCLIP model, the hooked tower) changes.
+# Small random models; the hub is never reached (HF_HUB_OFFLINE, an empty HF_HOME).
+HF_SMALL = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128)
+CLIP_TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=1)
+CLIP_VISION = dict(layers=2, width=32, head_width=8, patch_size=8, image_size=32)
+
+
+class SourceCtx:
+    def __init__(self, tmp):
+        import json
+        import warnings
+
+        import open_clip
+        import transformers
+
+        self.tmp = tmp
+        torch.manual_seed(0)
+        self.hf = transformers.ViTForImageClassification(transformers.ViTConfig(**HF_SMALL, num_labels=7)).eval()
+        self.hf.save_pretrained(tmp / "vit")
+        # a directory whose config.json says width 64 and whose weights are width 96: transformers would
+        # re-initialise every tensor at random (ignore_mismatched_sizes) -- refused
+        wide = transformers.ViTForImageClassification(transformers.ViTConfig(**dict(HF_SMALL, hidden_size=96),
+                                                                             num_labels=7))
+        wide.save_pretrained(tmp / "mismatch")
+        (tmp / "mismatch" / "config.json").write_text((tmp / "vit" / "config.json").read_text())
+        (tmp / "empty").mkdir()
+        self.clip = open_clip.CLIP(embed_dim=24, vision_cfg=dict(CLIP_VISION), text_cfg=dict(CLIP_TEXT)).eval()
+        self.tok = open_clip.get_tokenizer("ViT-B-32", context_length=16)  # bundled BPE, offline
+        self.tower = HookedViT.from_open_clip(self.clip)
+        # an OpenCLIP folder whose config is width 32 and whose weights are width 48
+        other = open_clip.CLIP(embed_dim=24, vision_cfg=dict(CLIP_VISION, width=48), text_cfg=dict(CLIP_TEXT))
+        (tmp / "oc_mismatch").mkdir()
+        (tmp / "oc_mismatch" / "open_clip_config.json").write_text(json.dumps(
+            {"model_cfg": {"embed_dim": 24, "vision_cfg": CLIP_VISION, "text_cfg": CLIP_TEXT}, "preprocess_cfg": {}}))
+        torch.save(other.state_dict(), tmp / "oc_mismatch" / "open_clip_pytorch_model.bin")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.beit = transformers.BeitModel(transformers.BeitConfig(
+                image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64))
+        self.clip_text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+        self.x = _images(2)
+
+    def models(self):
+        return (self.hf, self.clip, self.tower)
+
+
+@pytest.fixture(scope="module")
+def sctx(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("open_clip")
+    return SourceCtx(tmp_path_factory.mktemp("sources"))
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+
+
+def _source_cases():  # noqa: C901 - a table
+    from vit_lens.clip import set_text_classes, text_class_embeddings, zero_shot_logits
+    from vit_lens.loading.checkpoints import CheckpointMismatchError, CheckpointNotFoundError
+    from vit_lens.loading.sources.timm import UnsupportedModelError
+
+    def stc(names=("cat", "dog"), templates=None, **kw):
+        return lambda c: set_text_classes(c.tower, c.clip, c.tok, list(names) if isinstance(names, tuple) else names,
+                                          templates, progress=False, **kw)
+
+    def zsl(W, model=None):
+        return lambda c: zero_shot_logits(c.tower if model is None else model(c), c.x, W)
+
+    return {
+        # ---------------------------------------------------------------- from_hf
+        "from_hf, an int": (lambda c: HookedViT.from_hf(3), InputTypeError,
+                            "from_hf expects a transformers PreTrainedModel.*got int"),
+        "from_hf, a timm model": (lambda c: HookedViT.from_hf(make_timm("vit_tiny_patch16_224", **KW)), InputTypeError,
+                                  "got VisionTransformer.*HookedViT.from_timm"),
+        "from_hf, an OpenCLIP model": (lambda c: HookedViT.from_hf(c.clip), InputTypeError, "got CLIP"),
+        "from_hf, an unsupported class": (lambda c: HookedViT.from_hf(c.beit), InputError,
+                                          "BeitModel.*relative position bias.*not supported"),
+        "from_hf, a text model": (lambda c: HookedViT.from_hf(c.clip_text), InputError, "CLIPTextModel.*a text model"),
+        "from_hf, weights of another size": (lambda c: HookedViT.from_hf(str(c.tmp / "mismatch")),
+                                             CheckpointMismatchError,
+                                             "could not load ViTForImageClassification.*check that config.json"),
+        "from_hf, missing local directory": (lambda c: HookedViT.from_hf(str(c.tmp / "nothing")),
+                                             CheckpointNotFoundError, "not a directory written by save_pretrained"),
+        "from_hf, a file, not a directory": (lambda c: HookedViT.from_hf(str(c.tmp / "vit" / "config.json")),
+                                             CheckpointNotFoundError, "not a directory"),
+        "from_hf, a directory without config.json": (lambda c: HookedViT.from_hf(str(c.tmp / "empty")),
+                                                     CheckpointNotFoundError, "no readable config.json.*save_pretrained"),
+        "from_hf, missing checkpoint_path": (lambda c: HookedViT.from_hf("google/vit-base-patch16-224",
+                                                                         checkpoint_path=c.tmp / "nothing"),
+                                             CheckpointNotFoundError, "checkpoint_path=.*is not a directory"),
+        "from_hf, hub id offline": (lambda c: HookedViT.from_hf("google/vit-base-patch16-224"), CheckpointNotFoundError,
+                                    "save_pretrained.*HF_HUB_OFFLINE=1"),
+        "from_hf, checkpoint_path with a model": (lambda c: HookedViT.from_hf(c.hf, checkpoint_path=c.tmp / "vit"),
+                                                  InputTypeError, "checkpoint_path is for loading by name"),
+        "from_hf, dtype not a dtype": (lambda c: HookedViT.from_hf(c.hf, dtype="float32"), InputTypeError,
+                                       "dtype must be a floating torch.dtype"),
+        "from_hf, unknown option": (lambda c: HookedViT.from_hf(c.hf, fold_everything=True), InputTypeError,
+                                    r"unexpected keyword argument\(s\) \['fold_everything'\]"),
+        "from_hf, option not a bool": (lambda c: HookedViT.from_hf(c.hf, fold_ln="yes"), InputTypeError,
+                                       "fold_ln must be True or False"),
+        "from_hf, interpolate_pos_encoding not a bool": (lambda c: HookedViT.from_hf(c.hf, interpolate_pos_encoding=1),
+                                                         InputTypeError, "interpolate_pos_encoding must be True or False"),
+        "from_hf, image_processor a string": (lambda c: HookedViT.from_hf(c.hf, image_processor="ViTImageProcessor"),
+                                              InputTypeError, "image_processor must be a transformers image processor"),
+        # ---------------------------------------------------------------- from_pretrained("hf:...")
+        "from_pretrained hf:, weights of another size": (lambda c: HookedViT.from_pretrained(f"hf:{c.tmp / 'mismatch'}"),
+                                                         CheckpointMismatchError, "could not load"),
+        "from_pretrained hf:, missing directory": (lambda c: HookedViT.from_pretrained(f"hf:{c.tmp / 'nothing'}"),
+                                                   CheckpointNotFoundError, "not a directory"),
+        "from_pretrained hf:, hub id offline": (lambda c: HookedViT.from_pretrained("hf:google/vit-base-patch16-224"),
+                                                CheckpointNotFoundError, "HF_HUB_OFFLINE=1"),
+        "from_pretrained hf:, empty name": (lambda c: HookedViT.from_pretrained("hf:"), InputTypeError, "non-empty"),
+        "from_pretrained hf:, timm_kwargs": (lambda c: HookedViT.from_pretrained(f"hf:{c.tmp / 'vit'}",
+                                                                                 timm_kwargs=dict(img_size=32)),
+                                             InputTypeError, "timm_kwargs is for timm models"),
+        "from_pretrained timm, interpolate_pos_encoding": (
+            lambda c: HookedViT.from_pretrained("vit_tiny_patch16_224", interpolate_pos_encoding=True), InputTypeError,
+            "interpolate_pos_encoding is an option of Hugging Face models.*dynamic_img_size=True"),
+        # ---------------------------------------------------------------- from_open_clip / from_pretrained("open_clip:...")
+        "from_open_clip, an int": (lambda c: HookedViT.from_open_clip(3), InputTypeError, "got int"),
+        "from_open_clip, a Linear": (lambda c: HookedViT.from_open_clip(torch.nn.Linear(2, 2)), InputTypeError,
+                                     "expected an OpenCLIP model.*got Linear"),
+        "from_open_clip, an HF model": (lambda c: HookedViT.from_open_clip(c.hf), InputTypeError,
+                                        "got ViTForImageClassification"),
+        "from_open_clip, unknown name": (lambda c: HookedViT.from_open_clip("ViT-B-33"), InputError,
+                                         "unknown OpenCLIP model name 'ViT-B-33'.*ViT-B-32"),
+        "from_open_clip, unknown option": (lambda c: HookedViT.from_open_clip(c.clip, fold_everything=True),
+                                           InputTypeError, "fold_everything"),
+        "from_open_clip, option not a bool": (lambda c: HookedViT.from_open_clip(c.clip, fold_ln=1), InputTypeError,
+                                              "fold_ln must be True or False"),
+        "from_open_clip, missing weights file": (lambda c: HookedViT.from_open_clip("ViT-B-32",
+                                                                                    pretrained=str(c.tmp / "no.pt")),
+                                                 InputError, "neither an OpenCLIP pretrained tag.*nor an existing"),
+        "from_open_clip, missing local-dir": (lambda c: HookedViT.from_open_clip(f"local-dir:{c.tmp / 'nothing'}"),
+                                              CheckpointNotFoundError, "no such folder.*open_clip_config.json"),
+        "from_open_clip, weights of another size": (lambda c: HookedViT.from_open_clip(f"local-dir:{c.tmp / 'oc_mismatch'}"),
+                                                    CheckpointMismatchError, "do not fit"),
+        "from_pretrained open_clip:, missing local-dir": (
+            lambda c: HookedViT.from_pretrained(f"open_clip:local-dir:{c.tmp / 'nothing'}"), CheckpointNotFoundError,
+            "no such folder"),
+        "from_pretrained open_clip:, hub offline": (lambda c: HookedViT.from_pretrained("open_clip:hf-hub:org/none"),
+                                                    CheckpointNotFoundError, "local copy.*HF_HUB_OFFLINE=1"),
+        "from_pretrained open_clip:, a tag and a file": (
+            lambda c: HookedViT.from_pretrained("open_clip:ViT-B-32/openai", checkpoint_path=c.tmp / "w.pt"),
+            InputError, "give one of them"),
+        "from_pretrained open_clip:, empty name": (lambda c: HookedViT.from_pretrained("open_clip:"), InputTypeError,
+                                                   "non-empty"),
+        "from_pretrained open_clip:, timm_kwargs": (lambda c: HookedViT.from_pretrained("open_clip:ViT-B-32",
+                                                                                        timm_kwargs={}),
+                                                    InputTypeError, "timm_kwargs is for timm models"),
+        # ---------------------------------------------------------------- vit_lens.clip
+        "set_text_classes, not a HookedViT": (lambda c: set_text_classes(c.clip, c.clip, c.tok, ["cat"], progress=False),
+                                              InputTypeError, "takes the HookedViT of a CLIP image tower.*from_open_clip"),
+        "set_text_classes, empty class list": (stc(()), InputError, "class_names is empty"),
+        "set_text_classes, duplicate names": (stc(("cat", "dog", "cat")), InputError, r"distinct.*repeated: \['cat'\]"),
+        "set_text_classes, names equal but for case": (stc(("cat", "Cat ")), InputError,
+                                                       "distinct ignoring case and surrounding spaces"),
+        "set_text_classes, names a string": (stc("cat"), InputTypeError, "class_names must be a list of strings"),
+        "set_text_classes, names not strings": (stc((1, 2)), InputTypeError, "class names must be non-empty strings"),
+        "set_text_classes, template without {}": (stc(templates=["a photo of a cat"]), InputError, "has no '{}'"),
+        "set_text_classes, template with two {}": (stc(templates=["a {} and a {}"]), InputError,
+                                                   "exactly one '{}'.*IndexError"),
+        "set_text_classes, template with {name}": (stc(templates=["a {} {name}"]), InputError, "exactly one '{}'"),
+        "set_text_classes, templates a string": (stc(templates="a photo of a {}"), InputTypeError,
+                                                 "templates must be a non-empty list"),
+        "set_text_classes, template returns no string": (stc(templates=[lambda n: 3]), InputTypeError,
+                                                         "must return the prompt as a string"),
+        "set_text_classes, tokenizer None": (lambda c: set_text_classes(c.tower, c.clip, None, ["cat"], progress=False),
+                                             InputTypeError, "tokenizer must be callable"),
+        "set_text_classes, no text tower": (lambda c: set_text_classes(c.tower, torch.nn.Linear(2, 2), c.tok, ["cat"],
+                                                                       progress=False),
+                                            InputTypeError, "no text tower this function knows"),
+        "set_text_classes, batch_size 0": (stc(batch_size=0), InputError, "batch_size must be a positive int"),
+        "text_class_embeddings, empty class list": (lambda c: text_class_embeddings(c.clip, c.tok, [], progress=False),
+                                                    InputError, "class_names is empty"),
+        "text_class_embeddings, duplicate names": (lambda c: text_class_embeddings(c.clip, c.tok, ["a", "a"],
+                                                                                   progress=False),
+                                                   InputError, "distinct"),
+        "zero_shot_logits, not a HookedViT": (zsl(torch.randn(24, 3), lambda c: c.clip), InputTypeError,
+                                              "zero_shot_logits takes the HookedViT"),
+        "zero_shot_logits, W a list": (zsl([[0.0] * 3] * 24), InputTypeError, "W_text must be a tensor"),
+        "zero_shot_logits, W wrong width": (zsl(torch.randn(7, 3)), InputError, r"W_text must be \[embed_dim=24"),
+        "zero_shot_logits, W no classes": (zsl(torch.randn(24, 0)), InputError, "n_classes >= 1"),
+        "zero_shot_logits, W NaN": (zsl(torch.full((24, 3), float("nan"))), InputError, "W_text contains NaN"),
+        "zero_shot_logits, W integer": (zsl(torch.ones(24, 3, dtype=torch.long)), InputTypeError, "float tensor"),
+        "zero_shot_logits, images of another size": (lambda c: zero_shot_logits(c.tower, _images(2, size=48),
+                                                                                torch.randn(24, 3)),
+                                                     InputError, "takes 32x32 images, got 48x48"),
+    }
+
+
+_SOURCE_CASES = _source_cases()
+
+
+@pytest.mark.parametrize("case", list(_SOURCE_CASES))
+def test_sources_and_clip_hostile_inputs_raise_library_errors(sctx, offline, case):
+    import warnings
+
+    run, exc, pattern = _SOURCE_CASES[case]
+    before = [weights_hash(m) for m in sctx.models()]
+    classes = (sctx.tower.cfg.n_classes, sctx.tower.class_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' own load report on the mismatched directory
+        with pytest.raises(exc, match=pattern) as err:
+            run(sctx)
+    assert isinstance(err.value, VitLensError), f"{type(err.value).__name__}: {err.value}"
+    assert [weights_hash(m) for m in sctx.models()] == before
+    assert (sctx.tower.cfg.n_classes, sctx.tower.class_names) == classes  # a refused call sets no classes

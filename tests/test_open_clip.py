@@ -21,6 +21,7 @@ open_clip = pytest.importorskip("open_clip")
 from vit_lens import HookedViT, UnsupportedModelError  # noqa: E402
 from vit_lens.core.errors import InputError, InputTypeError  # noqa: E402
 from vit_lens.loading import ProcessingError  # noqa: E402
+from vit_lens.loading.checkpoints import CheckpointMismatchError, CheckpointNotFoundError  # noqa: E402
 from vit_lens.loading.sources import open_clip as source  # noqa: E402
 
 from conftest import IMAGES  # noqa: E402
@@ -318,7 +319,7 @@ def test_name_with_local_weights_file(tiny_name, tmp_path):
     # a file of another model is refused by OpenCLIP's strict load, never loaded partly
     bad = tmp_path / "bad.pt"
     torch.save({k: v for k, v in m.state_dict().items() if not k.startswith("visual.proj")}, bad)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CheckpointMismatchError, match="do not fit"):  # a library error, no bare RuntimeError
         HookedViT.from_open_clip(tiny_name, pretrained=bad)
 
 
@@ -343,13 +344,13 @@ def test_hub_errors_and_quickgelu_tags(monkeypatch):
         raise RuntimeError("Failed to download weights for tag 'openai': no network")
 
     monkeypatch.setattr(open_clip, "create_model", offline)
-    with pytest.raises(RuntimeError, match="local copy") as e:
+    with pytest.raises(CheckpointNotFoundError, match="local copy") as e:  # a library error, no bare RuntimeError
         HookedViT.from_open_clip("open_clip:ViT-B-32/openai")
     assert "local-dir:" in str(e.value)
     # the OpenAI weights were trained with QuickGELU: the GELU config is built with it, as they need
     assert seen["name"] == "ViT-B-32" and seen["pretrained"] == "openai" and seen["force_quick_gelu"] is True
     seen.clear()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CheckpointNotFoundError, match="HF_HUB_OFFLINE"):
         HookedViT.from_open_clip("ViT-B-32", pretrained="laion2b_s34b_b79k")
     assert "force_quick_gelu" not in seen
 

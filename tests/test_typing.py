@@ -27,7 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: the modules held at zero mypy errors (the analysis modules are not yet: see the report of issue 11)
+#: the modules held at zero mypy errors (not yet: patching.py -- see the report of issue 13)
 COVERED = [
     "vit_lens/__init__.py",
     "vit_lens/core",
@@ -41,6 +41,21 @@ COVERED = [
     "vit_lens/loading/checkpoints.py",
     "vit_lens/loading/saving.py",
     "vit_lens/loading/sources/open_clip.py",
+    "vit_lens/loading/sources/hf.py",
+    "vit_lens/loading/sources/__init__.py",
+    "vit_lens/loading/processing.py",
+    "vit_lens/loading/registry.py",
+    "vit_lens/loading/timm_vit.py",
+    "vit_lens/attribution_patching.py",
+    "vit_lens/edges.py",
+    "vit_lens/class_space.py",
+    "vit_lens/explain.py",
+    "vit_lens/cli.py",
+    "vit_lens/ablation.py",
+    "vit_lens/attribution.py",
+    "vit_lens/probing.py",
+    "vit_lens/plot.py",
+    "vit_lens/loading/sources/timm.py",
     "vit_lens/clip.py",
     "vit_lens/runs",
     "vit_lens/results.py",

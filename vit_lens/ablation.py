@@ -57,7 +57,7 @@ import operator
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,8 @@ KNOCKOUT_MODES = ("mask", "paper", "zero_edges")
 EDGE_SETS = ("none", "self_only", "no_cls", "cls_no_image", "within")
 PAPER_EDGE_SETS = ("none", "self_only", "no_cls")  # the edge sets mode="paper" has a definition for
 Heads = Union[None, int, Sequence[int], Mapping[int, Sequence[int]]]
+#: forward hooks as TransformerLens's ``run_with_hooks`` / ``hooks`` take them: [(hook name, hook fn), ...]
+FwdHooks = List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]]
 
 
 # =============================================================================================
@@ -164,7 +166,8 @@ def grid_mask_from_box(
         raise InputTypeError(f"box must be four numbers (x0, y0, x1, y1) in pixels, got {box!r}") from None
     if len(coords) != 4:
         raise InputError(f"box must be (x0, y0, x1, y1), got {box!r}")
-    return box_grid_mask(Box(*coords, image_size=image_size, min_overlap=min_overlap), _cfg(model))
+    return box_grid_mask(Box(coords[0], coords[1], coords[2], coords[3], image_size=image_size, min_overlap=min_overlap),
+                         _cfg(model))
 
 
 def grid_mask_from_segmentation(
@@ -378,7 +381,7 @@ def _blocked_per_layer(
     blocked = knockout_edges(model, edges, token_mask=token_mask, grid_size=grid_size)
     if blocked.ndim == 2:
         blocked = blocked[None]
-    shape = tuple(blocked.shape)
+    shape = cast(Tuple[int, int, int], tuple(blocked.shape))
     blocked = blocked[:, None]  # [B|1, 1, P, P]
     layer_list = resolve_layers(layers, model, allow_empty=True)
     out = {}
@@ -431,7 +434,7 @@ def _paper_per_layer(
 ) -> Tuple[Dict[int, Tuple[Tensor, Tensor]], Tuple[int, int, int]]:
     """layer -> (one_hot bool [B|1, H|1, P], zero bool [B|1, H|1, P, P]), layers with no edit left out."""
     one_hot, zero = _paper_edits(model, edges, token_mask, grid_size)
-    shape = tuple(zero.shape)
+    shape = cast(Tuple[int, int, int], tuple(zero.shape))
     one_hot, zero = one_hot[:, None], zero[:, None]
     out = {}
     for l, h in _heads_for(model, resolve_layers(layers, model, allow_empty=True), heads).items():
@@ -517,7 +520,7 @@ def knockout_hooks(
     mode: KnockoutMode = "mask",
     token_mask: Optional[Tensor] = None,
     grid_size: Optional[Tuple[int, int]] = None,
-) -> List[Tuple[str, Any]]:
+) -> FwdHooks:
     """Attention knockout as a hook list for ``model.run_with_hooks`` / ``model.hooks``.
 
     ``mode="mask"`` hooks ``blocks.{l}.attn.hook_attn_scores`` (scores of removed edges -> -inf,
@@ -533,21 +536,23 @@ def knockout_hooks(
         that removes nothing still gets a ``hook_embed`` hook that checks the batch size).
     """
     _check_mode(mode)
+    edits: Dict[int, Any]  # layer -> bool mask, or (one_hot, zero) in mode "paper"
     if mode == "paper":
         edits, shape = _paper_per_layer(model, edges, layers, heads, token_mask, grid_size)
     else:
         edits, shape = _blocked_per_layer(model, edges, layers, heads, token_mask, grid_size)
     if not edits:
         return [("hook_embed", _fit_hook(shape, "knockout"))] if shape[0] > 1 else []
-    hooks = []
+    hooks: FwdHooks = []
+    e: Any  # a bool mask, or (one_hot, zero) in mode "paper"
     for l, e in edits.items():
         if mode == "mask":
 
-            def hook(scores: Tensor, hook: Any = None, *, _b=e) -> Tensor:
+            def mask_hook(scores: Tensor, hook: Any = None, *, _b=e) -> Tensor:
                 _check_fit(_b, scores, "knockout")
                 return scores.masked_fill(_b.to(scores.device), float("-inf"))
 
-            hooks.append((f"blocks.{l}.attn.hook_attn_scores", hook))
+            hooks.append((f"blocks.{l}.attn.hook_attn_scores", mask_hook))
             if bool(e.all(-1).any()):  # a query with no key left attends to nothing (as the fused path)
 
                 def fix(pattern: Tensor, hook: Any = None) -> Tensor:
@@ -556,11 +561,11 @@ def knockout_hooks(
                 hooks.append((f"blocks.{l}.attn.hook_pattern", fix))
         elif mode == "zero_edges":
 
-            def hook(pattern: Tensor, hook: Any = None, *, _b=e) -> Tensor:
+            def zero_hook(pattern: Tensor, hook: Any = None, *, _b=e) -> Tensor:
                 _check_fit(_b, pattern, "knockout")
                 return pattern.masked_fill(_b.to(pattern.device), 0.0)
 
-            hooks.append((f"blocks.{l}.attn.hook_pattern", hook))
+            hooks.append((f"blocks.{l}.attn.hook_pattern", zero_hook))
         else:
             oh, z = e
 
@@ -639,6 +644,7 @@ def attention_knockout(
             logits, cache = model.run_with_cache(images)
     """
     _check_mode(mode)
+    edits: Dict[int, Any]  # layer -> bool mask, or (one_hot, zero) in mode "paper"
     if mode == "paper":
         edits, shape = _paper_per_layer(model, edges, layers, heads, token_mask, grid_size)
     else:
@@ -651,7 +657,7 @@ def attention_knockout(
             yield model
         return
     if mode == "mask":
-        with _attn_masks(model, {l: ~b for l, b in edits.items()}, "knockout"):
+        with _attn_masks(model, {l: ~cast(Tensor, b) for l, b in edits.items()}, "knockout"):
             yield model
     else:
         hooks = knockout_hooks(
@@ -747,7 +753,7 @@ def _check_something_left(cfg: Any, tokens: Tensor, method: str) -> None:
 
 def context_ablation_hooks(
     model: HookedViT, keep: Any, *, grid_size: Optional[Tuple[int, int]] = None
-) -> Tuple[List[Tuple[str, Any]], ContextAblation]:
+) -> Tuple[FwdHooks, ContextAblation]:
     """Hooks that remove the tokens not in ``keep`` from the sequence (``method="remove"``), for
     ``run_with_hooks``. Returns ``(hooks, info)``; see :func:`context_ablation`. The hooks refuse
     a run whose batch size or tokens per image do not fit ``keep``."""

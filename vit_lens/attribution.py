@@ -43,7 +43,7 @@ divided by ``|v - mean(v)| |d_c - mean(d_c)|``). No weight is ever modified.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Sequence, Tuple, cast, get_args
 
 import torch
 from jaxtyping import Float
@@ -93,7 +93,7 @@ def dla_hooks(model: HookedViT, by: By = "component") -> List[str]:
         elif by in ("position", "head_position"):
             names += [f"blocks.{l}.attn.hook_pattern", f"blocks.{l}.attn.hook_v", f"blocks.{l}.hook_mlp_out"]
         else:
-            raise InputError(f"by must be one of {list(By.__args__)}, got {by!r}")
+            raise InputError(f"by must be one of {list(get_args(By))}, got {by!r}")
     return names
 
 
@@ -127,7 +127,7 @@ def _readout(model, cache: Any, t: Tensor, b: Optional[Tensor]) -> Tuple[List[_G
 
 def _contrib(groups: List[_Group], comp: Tensor) -> Tensor:
     """DLA of a component [batch, pos, ..., d_model] -> [batch, ...]."""
-    out = 0
+    out: Any = 0  # becomes a tensor
     for g in groups:
         c = comp[:, g.pos]  # [batch, n, ..., d]
         proj = torch.einsum("bn...d,bd->bn...", c, g.direction)
@@ -138,7 +138,7 @@ def _contrib(groups: List[_Group], comp: Tensor) -> Tensor:
 
 def _bias_contrib(groups: List[_Group], bias: Tensor) -> Tensor:
     """DLA of a bias vector added at every position -> [batch]."""
-    return sum((g.direction @ bias) * g.weight.sum(1) for g in groups)
+    return cast(Tensor, sum((g.direction @ bias) * g.weight.sum(1) for g in groups))
 
 
 @dataclass
@@ -308,6 +308,9 @@ def dla(
             return _contrib(groups, cache_get(cache, f"blocks.{l}.hook_mlp_out"))
 
         coords: Dict[str, list] = {}
+        dims: Tuple[str, ...]
+        attn: Any  # model.blocks[l].attn / .mlp (nn.Module attributes)
+        mlp: Any
         if by == "component":
             parts = list(emb.values())
             labels = list(emb)
@@ -360,7 +363,7 @@ def dla(
 
 def _head_contrib(groups: List[_Group], z: Tensor, W_O: Tensor) -> Tensor:
     """Per-head DLA [batch, head] from z [batch, pos, head, d_head] and W_O [head, d_head, d_model]."""
-    out = 0
+    out: Any = 0  # becomes a tensor
     for g in groups:
         u = torch.einsum("hed,bd->bhe", W_O, g.direction)  # what each z unit writes, projected
         proj = torch.einsum("bnhe,bhe->bnh", z[:, g.pos], u)
@@ -370,7 +373,7 @@ def _head_contrib(groups: List[_Group], z: Tensor, W_O: Tensor) -> Tensor:
 
 def _neuron_contrib(groups: List[_Group], post: Tensor, W_out: Tensor) -> Tensor:
     """Per-neuron DLA [batch, d_mlp] from post [batch, pos, d_mlp] and W_out [d_mlp, d_model]."""
-    out = 0
+    out: Any = 0  # becomes a tensor
     for g in groups:
         u = g.direction @ W_out.T  # [batch, d_mlp]
         out = out + (post[:, g.pos] * g.weight[..., None]).sum(1) * u
@@ -379,7 +382,7 @@ def _neuron_contrib(groups: List[_Group], post: Tensor, W_out: Tensor) -> Tensor
 
 def _source_contrib(groups: List[_Group], pattern: Tensor, v: Tensor, W_O: Tensor) -> Tensor:
     """Per (head, source position) DLA [batch, head, pos] of the attention output (no bias)."""
-    out = 0
+    out: Any = 0  # becomes a tensor
     for g in groups:
         u = torch.einsum("hed,bd->bhe", W_O, g.direction)
         vu = torch.einsum("bkhe,bhe->bhk", v, u)  # [batch, head, key]

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Float
@@ -303,7 +303,7 @@ def _select(layout: str, c: Tensor, g: PatchRuns) -> Tensor:
     return torch.einsum("rp,rh,bph->rb", pos, heads, c)
 
 
-def _layer_tensors(model: Any, layer: int) -> Tuple[str, Optional[Tensor], float]:
+def _layer_tensors(model: Any, layer: Optional[int]) -> Tuple[str, Optional[Tensor], float]:  # attention hooks: a block
     attn = model.blocks[layer].attn
     return f"blocks.{layer}.attn.", attn.attn_mask, 1.0 / math.sqrt(model.cfg.d_head)
 
@@ -544,7 +544,7 @@ def exact_neuron_sweep(
                     a = act.view(_n, B, *act.shape[1:])
                     return torch.where(_m, src.unsqueeze(0), a).reshape(act.shape)
 
-                fwd = [(r.hook, patch)]
+                fwd: List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]] = [(r.hook, patch)]
                 if mname is not None and m_layer is not None and m_layer >= r.layer:
                     fwd.append((mname, lambda a, hook=None: captured.__setitem__("x", a)))
                 x = x0.unsqueeze(0).expand(n, *x0.shape).reshape(n * B, *x0.shape[1:])

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Literal, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +151,7 @@ def final_scale(model: HookedViT, cache: CacheLike) -> Float[Tensor, "batch pos"
             "(the readout is then not linear with one frozen scale); use mode='paper'"
         )
     last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+    r: Optional[Tensor]
     if model.ln_final is not None:
         if cache_has(cache, "ln_final.hook_scale"):
             return cache_get(cache, "ln_final.hook_scale")[..., 0]
@@ -224,7 +225,7 @@ def project(
                 f"with cache=, x must be [batch, pos, ..., d_model] matching the cache's [batch, pos]="
                 f"{tuple(scale.shape)}; got {got}. Pass scale= explicitly for other layouts."
             )
-    return model.readout.project(x, mode, head=head, scale=scale)
+    return model.readout.project(x, mode, head=cast(Any, head), scale=scale)
 
 
 def readout_logits(model: HookedViT, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch n_classes"]:
@@ -361,7 +362,7 @@ def top_classes(
     vals, idx = logits.detach().float().topk(k, dim=-1)
     names = model.class_names or [f"class {i}" for i in range(logits.shape[-1])]
     grids = torch.meshgrid(*[torch.arange(n) for n in lead], torch.arange(k), indexing="ij") if lead else [torch.arange(k)]
-    data = {d: g.reshape(-1).numpy() for d, g in zip(dims, grids[:-1])}
+    data: Dict[str, Any] = {d: g.reshape(-1).numpy() for d, g in zip(dims, grids[:-1])}
     data["rank"] = grids[-1].reshape(-1).numpy()
     flat_idx = idx.reshape(-1).cpu()
     data["class_index"] = flat_idx.numpy()
@@ -635,7 +636,7 @@ def identifiability_rate(
     m = position_mask(TokenLayout.for_positions(model, P), positions, batch=B).to(x.device)
     if not m.any():
         raise InputError("positions selects no token")
-    scale = final_scale(model, cache) if mode == "dla" else None
+    scale = final_scale(model, cast(CacheLike, cache)) if mode == "dla" else None
     with torch.no_grad():
         rank = _ranks_of(model, x, t, mode, scale)
     return ((rank == 0) & m).sum().float() / m.sum()
@@ -699,7 +700,7 @@ def identify(
         result = res if result is None else result.cat(res)
         all_logits.append(logits)
         del cache
-    return result, torch.cat(all_logits)
+    return cast(IdentifiabilityResult, result), torch.cat(all_logits)
 
 
 # =============================================================================================

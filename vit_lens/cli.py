@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 DEFAULT_OUT = "vit-lens-identify.html"
@@ -244,7 +244,7 @@ def identify_command(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.checkpoint, args.device)
     if model.unembed is None:
         raise UsageError(f"{model.cfg.model_name} is headless (no classifier), so it has no class space to analyse")
-    target = "pred"
+    target: Any = "pred"
     if args.label is not None:
         try:
             target = model.class_index(args.label)
@@ -298,6 +298,7 @@ def identify_command(args: argparse.Namespace) -> int:
         header += ["random: CLS r"] if has_cls else []
         header += ["random: image r", "random: image top-1"]
     cls_r, cls_t = (result.mean_r("cls"), result.rate("cls")) if has_cls else (None, None)
+    cls_r, cls_t = cast(Any, cls_r), cast(Any, cls_t)  # None only without a [CLS] (has_cls False)
     img_r, img_t, img_any = result.mean_r("image"), result.rate("image"), result.image_share("image")
     for li, layer in enumerate(result.layers):
         row = [str(layer)]

@@ -59,6 +59,17 @@ def _texts(class_names: Sequence[str], templates: Sequence[Template]) -> List[Li
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"class names must be distinct (their labels name the classes); repeated: {dup[:5]}")
+    # names are looked up ignoring case and surrounding spaces (model.class_index), and CLIP's tokenizers
+    # lower-case the prompts: "cat" and "Cat " would be one class twice, with equal scores
+    keys: dict = {}
+    for n in names:
+        keys.setdefault(n.strip().lower(), []).append(n)
+    same = [v for v in keys.values() if len(v) > 1]
+    if same:
+        raise InputError(
+            f"class names must be distinct ignoring case and surrounding spaces (names are looked up that way, and "
+            f"CLIP's tokenizers lower-case the prompts); these name one class: {same[:3]}. Keep one of each"
+        )
     if isinstance(templates, str) or not isinstance(templates, Sequence) or not templates:
         raise InputTypeError("templates must be a non-empty list of strings with '{}' (or callables name -> prompt)")
     out = []
@@ -66,10 +77,21 @@ def _texts(class_names: Sequence[str], templates: Sequence[Template]) -> List[Li
         if callable(t):
             out.append(t)
         elif isinstance(t, str) and "{}" in t:
+            try:
+                t.format("x")
+            except (IndexError, KeyError, ValueError) as e:
+                raise InputError(
+                    f"template {t!r} must have exactly one '{{}}' for the class name and no other braces "
+                    f"({type(e).__name__}: {e}); write literal braces as '{{{{' and '}}}}', e.g. 'a photo of a {{}}.'"
+                ) from None
             out.append(t.format)
         else:
             raise InputError(f"template {t!r} has no '{{}}' for the class name; e.g. 'a photo of a {{}}.'")
-    return [[f(n) for f in out] for n in names]
+    prompts = [[f(n) for f in out] for n in names]
+    bad_p = [p for row in prompts for p in row if not isinstance(p, str)]
+    if bad_p:
+        raise InputTypeError(f"a callable template must return the prompt as a string, got {bad_p[:2]}")
+    return prompts
 
 
 def _is_hf_tokenizer(tokenizer: Any) -> bool:
@@ -225,8 +247,19 @@ def set_text_classes(
     return W
 
 
+def _check_hooked(model: Any, what: str) -> None:
+    from vit_lens.model import HookedViT
+
+    if not isinstance(model, HookedViT):
+        raise InputTypeError(
+            f"{what} takes the HookedViT of a CLIP image tower as model, got {type(model).__name__}; convert it first: "
+            "HookedViT.from_open_clip(clip_model) or HookedViT.from_hf(clip_model)"
+        )
+
+
 def _head_outputs(model: Any) -> int:
     """The width of the model's original head (the image embedding of a CLIP tower)."""
+    _check_hooked(model, "set_text_classes")
     state = model.readout.head_source_W
     if state is not None:
         return int(state.shape[-1])
@@ -256,10 +289,18 @@ def zero_shot_logits(
     under every weight-processing option (``model(images)`` is CLIP's cosine ranking times
     ``|image_embedding|``, shifted by a per-image constant after ``center_unembed``).
     """
+    _check_hooked(model, "zero_shot_logits")
+    if not isinstance(W_text, Tensor):
+        raise InputTypeError(f"W_text must be a tensor [embed_dim, n_classes] (what set_text_classes returns), "
+                             f"got {type(W_text).__name__}")
     emb = F.normalize(image_embedding(model, images), dim=-1)
-    W = torch.as_tensor(W_text).to(device=emb.device, dtype=emb.dtype)
-    if W.ndim != 2 or W.shape[0] != emb.shape[-1]:
-        raise InputError(f"W_text must be [embed_dim={emb.shape[-1]}, n_classes], got {tuple(W.shape)}")
+    W = W_text.to(device=emb.device, dtype=emb.dtype)
+    if W.ndim != 2 or W.shape[0] != emb.shape[-1] or W.shape[1] == 0:
+        raise InputError(f"W_text must be [embed_dim={emb.shape[-1]}, n_classes >= 1], got {tuple(W.shape)}")
+    if not W_text.is_floating_point():
+        raise InputTypeError(f"W_text must be a float tensor (unit-norm text embeddings), got dtype {W_text.dtype}")
+    if not torch.isfinite(W).all():
+        raise InputError("W_text contains NaN or inf; recompute it with text_class_embeddings")
     scale = float(model.cfg.extra.get("logit_scale", 1.0))
     return scale * emb @ W
 
@@ -267,6 +308,7 @@ def zero_shot_logits(
 def image_embedding(model: Any, images: Float[Tensor, "batch chans height width"]) -> Float[Tensor, "batch embed_dim"]:
     """The CLIP image embedding (``encode_image``, unnormalised) of a model whose classes were
     replaced: the pooled features through the original head."""
+    _check_hooked(model, "image_embedding")
     readout = model.readout
     if readout.unembed is None and readout.head_source_W is None:
         raise InputError(f"{model.cfg.model_name} has no head: it is not a CLIP image tower with a projection")

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from jaxtyping import Float
@@ -518,11 +518,11 @@ def edge_attribution(
                 bar.update()
             est = torch.zeros(n_s, n_r, b, dtype=diff.dtype, device=diff.device)
             for key, rs in groups.items():
-                g = grads[key]
+                gk = grads[key]
                 if key[1] not in PORTS:
-                    g = g.unsqueeze(0)
+                    gk = gk.unsqueeze(0)
                 n = int(up[rs[0]])
-                est[:n, rs] = torch.einsum("sbpd,rbpd->srb", diff[:n], g)
+                est[:n, rs] = torch.einsum("sbpd,rbpd->srb", diff[:n], gk)
             values.append(_flatten(est, graph))
             m_clean.append(mc)
             m_corr.append(mk)
@@ -653,7 +653,7 @@ def circuit_faithfulness(
     one = len(circuits) == 0 or not isinstance(circuits[0], (list, tuple, set, frozenset)) or (
         isinstance(circuits[0], tuple) and len(circuits[0]) == 2 and all(isinstance(x, str) for x in circuits[0]))
     circ_list = [circuits] if one else circuits
-    masks = torch.stack([graph.mask(c) for c in circ_list])  # [C, n_s, n_r] kept
+    masks = torch.stack([graph.mask(cast(Sequence[EdgeLike], c)) for c in circ_list])  # [C, n_s, n_r] kept
     values = _faithfulness_runs(model, graph, clean, corrupted, metric, masks, chunk_size, progress)
     v, mc, mk = values
     gap = mc - mk

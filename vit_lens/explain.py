@@ -258,7 +258,7 @@ def attention_key_attribution(
     u = _frozen_class_direction(model, cache, target)  # [B, D]
     contribs, biases = [], []
     for l in layers:
-        attn = model.blocks[l].attn
+        attn: Any = model.blocks[l].attn
         pattern = cache[f"blocks.{l}.attn.hook_pattern"][:, :, cls, :]  # [B, H, P]
         v = cache[f"blocks.{l}.attn.hook_v"]  # [B, P, H, E]
         w_u = torch.einsum("hed,bd->bhe", attn.W_O, u)  # [B, H, E]
@@ -430,12 +430,12 @@ def upsample_map(
     """Resize maps on the patch grid to ``size`` (an int or (height, width)) in pixels."""
     if maps.ndim < 2:
         raise InputError(f"maps must be [..., rows, cols], got shape {tuple(maps.shape)}")
-    size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    hw: Tuple[int, ...] = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
     lead = maps.shape[:-2]
     flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
     kw = {} if mode == "nearest" else {"align_corners": False}
-    up = F.interpolate(flat, size=size, mode=mode, **kw)
-    return up.reshape(*lead, *size).to(maps.dtype)
+    up = F.interpolate(flat, size=hw, mode=mode, **kw)
+    return up.reshape(*lead, *hw).to(maps.dtype)
 
 
 def normalize_map(maps: Float[Tensor, "*batch rows cols"], eps: float = 1e-12) -> Float[Tensor, "*batch rows cols"]:
@@ -551,6 +551,7 @@ def keep_tokens_logits(
     mask.scatter_(1, keep, True)
     if int(mask.sum(-1).min()) != keep.shape[1]:
         raise InputError("keep has repeated patch indices in some image")
+    context_ablation: Any
     try:
         from vit_lens.ablation import context_ablation
     except ImportError:  # pragma: no cover - the ablation module ships with the package
@@ -832,7 +833,9 @@ def compare_perturbation(
     x_all = as_batch(model, images)
     # "pred": each image's prediction, computed once for all runs
     targets = resolve_targets(model, targets, len(x_all), images=x_all, batch_size=batch_size)
-    rows_out, curves, undefined = [], {}, []
+    rows_out: List[Dict[str, Any]] = []
+    curves: Dict[Tuple[str, str], Any] = {}
+    undefined: List[str] = []
 
     def auc_of(c: PerturbationCurve) -> float:
         return perturbation_auc(c.accuracy, c.n_patches)  # NaN when undefined; reported once below

@@ -346,6 +346,7 @@ class HookedViT(HookedRootModule):
             raise InputError(
                 f"{cfg.model_name} takes {cfg.image_size[0]}x{cfg.image_size[1]} images, got {H}x{W}. "
                 "Use model.preprocess(images) to resize and normalise them with the model's own config."
+                + _other_sizes_hint(cfg)
             )
         return cfg.grid_size
 
@@ -948,6 +949,7 @@ class HookedViT(HookedRootModule):
         checkpoint_path: Optional[Union[str, os.PathLike]] = None,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
+        interpolate_pos_encoding: bool = False,
         **processing: bool,
     ) -> "HookedViT":
         """Convert a Hugging Face ``transformers`` image model (in memory, a hub id or a local directory).
@@ -965,6 +967,11 @@ class HookedViT(HookedRootModule):
                 family's defaults at the config's image size (recorded in ``model.data_config``).
             checkpoint_path: a local ``save_pretrained`` directory to read instead of the hub.
             device, dtype: default those of the model (in memory), else CPU / float32.
+            interpolate_pos_encoding: ViT / DeiT / CLIP: accept other image sizes (multiples of the
+                patch size), interpolating the position embeddings exactly as transformers' forward with
+                ``interpolate_pos_encoding=True`` does (kept in ``model.cfg``, saved and loaded). Without
+                it, other sizes are refused, as HF's default forward refuses them. DINOv2 always
+                interpolates, as HF's.
             **processing: weight-processing options (``fold_ln`` ...), as :meth:`from_pretrained`.
 
         ``ViTModel`` / ``DeiTModel`` carry a tanh ``pooler`` that is not the class-space path: the
@@ -978,7 +985,7 @@ class HookedViT(HookedRootModule):
         from vit_lens.loading.sources.hf import load_hf
 
         return load_hf(cls, model_or_name, image_processor=image_processor, checkpoint_path=checkpoint_path,
-                       device=device, dtype=dtype, **processing)
+                       device=device, dtype=dtype, interpolate_pos_encoding=interpolate_pos_encoding, **processing)
 
     def save(self, path: Union[str, os.PathLike]) -> "os.PathLike":
         """Save weights, config (weight processing and class directions included), class names
@@ -1061,3 +1068,12 @@ class HookedViT(HookedRootModule):
 
         return from_open_clip(cls, model_or_name, pretrained, device=device, dtype=dtype,
                               open_clip_kwargs=open_clip_kwargs, **processing)
+
+
+def _other_sizes_hint(cfg: HookedViTConfig) -> str:
+    """How a model of this source is loaded to accept other image sizes (for the wrong-size message)."""
+    rows, cols = cfg.grid_size
+    if cfg.extra.get("source") == "hf" and rows == cols and cfg.patch_size[0] == cfg.patch_size[1]:
+        return (" To run other sizes, load it with HookedViT.from_hf(..., interpolate_pos_encoding=True) "
+                "(position embeddings interpolated as transformers does).")
+    return ""

@@ -34,7 +34,7 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
@@ -220,9 +220,9 @@ def position_labels(cfg: Union[HookedViTConfig, HookedViT], grid_size: Optional[
     Returns:
         list of ``cfg.n_prefix_tokens + rows * cols`` strings, e.g. ``["CLS", "0,0", "0,1", ...]``.
     """
-    cfg = getattr(cfg, "cfg", cfg)
-    rows, cols = grid_size or cfg.grid_size
-    return list(cfg.prefix_token_names) + [f"{r},{c}" for r in range(rows) for c in range(cols)]
+    config: Any = getattr(cfg, "cfg", cfg)
+    rows, cols = grid_size or config.grid_size
+    return list(config.prefix_token_names) + [f"{r},{c}" for r in range(rows) for c in range(cols)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,10 +310,10 @@ def layer_lines(
         if err is not None:
             text = [t + f" ± {_fmt(e, '.3g')}" for t, e in zip(text, err)]
         if name in hover_text:
-            extra = list(hover_text[name])
-            if len(extra) != n_layers:
-                raise InputError(f"hover_text[{name!r}] has {len(extra)} entries, expected {n_layers}")
-            text = [f"{t}<br>{e}" for t, e in zip(text, extra)]
+            more = list(hover_text[name])
+            if len(more) != n_layers:
+                raise InputError(f"hover_text[{name!r}] has {len(more)} entries, expected {n_layers}")
+            text = [f"{t}<br>{e}" for t, e in zip(text, more)]
         fig.add_trace(
             go.Scatter(
                 x=x,
@@ -355,7 +355,7 @@ def _image_to_uint8(
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover
-        Image = None
+        Image = None  # type: ignore[assignment]
     if Image is not None and isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     if hasattr(image, "detach"):
@@ -794,10 +794,10 @@ def bars(
                 raise InputError(f"errors[{name!r}] has shape {err.shape}, expected {arr.shape}")
         text = [(f"{name}<br>" if name else "") + f"{c}: {_fmt(x)}" for c, x in zip(cats, arr)]
         if name in hover_text:
-            extra = list(hover_text[name])
-            if len(extra) != n:
-                raise InputError(f"hover_text[{name!r}] has {len(extra)} entries, expected {n}")
-            text = [f"{t}<br>{e}" for t, e in zip(text, extra)]
+            more = list(hover_text[name])
+            if len(more) != n:
+                raise InputError(f"hover_text[{name!r}] has {len(more)} entries, expected {n}")
+            text = [f"{t}<br>{e}" for t, e in zip(text, more)]
         kw = dict(x=arr, y=cats, orientation="h") if horizontal else dict(x=cats, y=arr)
         err_kw = dict(type="data", array=err, visible=True) if err is not None else None
         fig.add_trace(
@@ -827,7 +827,7 @@ def bars(
     top = _set_title(fig, title, int(width), extra_top=extra)
     if horizontal:
         fig.update_yaxes(type="category", autorange="reversed", automargin=True)
-        plot_h = max(240, n * (18 * len(series) + 14))
+        plot_h = max(240, cast(int, n) * (18 * len(series) + 14))  # n: the bars of the first series
     else:
         fig.update_xaxes(type="category", automargin=True)
         plot_h = 340
@@ -1060,7 +1060,7 @@ def _require(obj: Any, attrs: Sequence[str], what: str) -> None:
 def _identifiability_groups(result: Any) -> list:
     """(label, positions) pairs: every prefix token by name, then all image tokens."""
     names = list(result.prefix_token_names)
-    groups = [(f"[{n}]", [i]) for i, n in enumerate(names)]
+    groups: List[Tuple[str, Any]] = [(f"[{n}]", [i]) for i, n in enumerate(names)]
     if result.rank.shape[2] > result.n_prefix_tokens:
         groups.append(("image tokens", "image"))
     return groups
@@ -1385,7 +1385,7 @@ def memory_table(
     best = flat[:, :, target].argmax(dim=1)                        # [layer]
     rows = flat[torch.arange(flat.shape[0]), best]                 # [layer, C]
     vals, idx = rows.topk(min(k, n_classes), dim=-1)
-    labels = []
+    labels: List[str] = []
     for layer, b in zip(memories.layers, best.tolist()):
         if memories.kind == "attn":
             d_head = scores.shape[2]

@@ -279,7 +279,8 @@ def linear_probe_sweep(
     pos_list = _positions(model, positions, model.cfg.n_prefix_tokens + rows_ * cols_)
     train_labels = _int_labels(train_labels, "train_labels")
     test_labels = _int_labels(test_labels, "test_labels")
-    kw = dict(layers=layers, components=components, positions=positions, batch_size=batch_size, progress=progress)
+    kw: Dict[str, Any] = dict(layers=layers, components=components, positions=positions, batch_size=batch_size,
+                              progress=progress)
     train = collect_activations(model, train_images, **kw)
     test = collect_activations(model, test_images, **kw)
     if len(train_labels) != next(iter(train.values())).shape[0]:
@@ -328,12 +329,13 @@ def probe_importance(
     """
 
     x_test = as_batch(model, test_images)
-    kw = dict(layers=layers, components=(component,), positions="patches", batch_size=batch_size, progress=progress)
+    kw: Dict[str, Any] = dict(layers=layers, components=(component,), positions="patches", batch_size=batch_size,
+                              progress=progress)
     train = collect_activations(model, train_images, **kw)
     test = collect_activations(model, x_test, **kw)
     train_labels = _int_labels(train_labels, "train_labels")
     test_targets = _int_labels(test_targets, "test_targets")
-    total = None
+    total: Any = None  # one tensor per layer summed; train has at least one layer
     for key, Xtr in train.items():
         probe = fit_ridge_probe(Xtr.transpose(0, 1), train_labels, alpha)
         r = probe.target_rank(test[key].transpose(0, 1), test_targets).T  # [n_test, n_patches]

@@ -47,7 +47,14 @@ class PosEmbed(nn.Module):
 
     ``n_pos`` is ``n_prefix_tokens + n_patches`` when the embedding covers the prefix tokens
     (``cfg.pos_embed_prefix``), else ``n_patches`` and the prefix positions get zeros.
-    With ``cfg.dynamic_img_size`` the patch part is resampled (bicubic, as timm does) to other grids.
+    With ``cfg.dynamic_img_size`` the patch part is resampled (bicubic, in float32) to other grids;
+    the prefix positions are kept as they are. Two flavours, one code path:
+
+    - timm's (``dynamic_img_size=True``): antialiased bicubic.
+    - Hugging Face's (``cfg.extra["pos_embed_antialias"] = False``): ``F.interpolate(mode="bicubic",
+      align_corners=False)`` without antialiasing to ``size=grid_size``, as transformers' DINOv2 and,
+      with ``from_hf(..., interpolate_pos_encoding=True)``, its ViT / DeiT / CLIP embeddings do. The
+      native grid is never resampled (transformers skips it there too).
     Output: [batch, n_prefix_tokens + n_patches, d_model], so that ``hook_embed + hook_pos_embed``
     is the residual stream entering the first block.
     """
@@ -68,7 +75,8 @@ class PosEmbed(nn.Module):
             W = resample_abs_pos_embed(
                 W, new_size=list(grid_size), old_size=list(cfg.grid_size),
                 num_prefix_tokens=n_pre if cfg.pos_embed_prefix else 0,
-                # Hugging Face's DINOv2 interpolates without antialiasing (cfg.extra from the hf source)
+                # Hugging Face interpolates without antialiasing (DINOv2 always; ViT / DeiT / CLIP with
+                # interpolate_pos_encoding=True): cfg.extra from the hf source
                 antialias=bool(cfg.extra.get("pos_embed_antialias", True)),
             )
         if not cfg.pos_embed_prefix and n_pre:

@@ -46,7 +46,7 @@ later mean the same with or without processing.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -62,12 +62,15 @@ class ProcessingError(InputError):
     """A weight-processing option that would not preserve this model."""
 
 
-def validate_processing_options(options: Dict[str, object]) -> None:
+def validate_processing_options(options: Mapping[str, object]) -> None:
     """Refuse unknown keywords (nothing passed to ``from_pretrained`` is silently dropped)."""
     unknown = sorted(set(options) - set(PROCESSING_OPTIONS))
     if unknown:
         raise InputTypeError(
             f"unexpected keyword argument(s) {unknown}; weight-processing options are {list(PROCESSING_OPTIONS)}"
+            + ("; interpolate_pos_encoding is an option of Hugging Face models (HookedViT.from_hf, 'hf:NAME'): a timm "
+               "model accepts other image sizes with timm_kwargs=dict(dynamic_img_size=True)"
+               if "interpolate_pos_encoding" in unknown else "")
         )
     for k, v in options.items():
         if not isinstance(v, bool):

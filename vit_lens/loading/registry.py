@@ -45,7 +45,7 @@ class ModelFamily:
     not_foldable: Tuple[str, ...] = ()
 
 
-_SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
+_SMALL: Dict[str, object] = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
 
 FAMILIES: Tuple[ModelFamily, ...] = (
     ModelFamily(

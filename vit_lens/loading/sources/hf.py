@@ -517,11 +517,16 @@ def image_processor_from_config(pc: Dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------------------------
 # the source interface
 # ---------------------------------------------------------------------------------------------
-def convert(model: Any, *, name: Optional[str] = None, image_processor: Any = None) -> Converted:
+def convert(model: Any, *, name: Optional[str] = None, image_processor: Any = None,
+            interpolate_pos_encoding: bool = False) -> Converted:
     """An in-memory ``transformers`` model -> :class:`Converted` (config, HookedViT state dict, class
     names from ``id2label``, preprocessing from ``image_processor`` or the family's defaults at the
-    config's image size). The HF model is not modified."""
+    config's image size). The HF model is not modified. ``interpolate_pos_encoding``: see
+    :func:`opt_in_interpolation`."""
+    _check_interpolate_flag(interpolate_pos_encoding)
     cfg = config_from_hf(model, name=name)
+    if interpolate_pos_encoding:
+        opt_in_interpolation(cfg)
     sd = state_dict_from_hf(model, cfg)
     names = class_names_of(model, cfg.n_classes)
     processor = image_processor if image_processor is not None else default_image_processor(model)
@@ -546,7 +551,8 @@ def _hub_error(name: str, e: BaseException) -> CheckpointNotFoundError:
     )
 
 
-def load(name: str, *, checkpoint_path: Optional[Union[str, os.PathLike]] = None, image_processor: Any = None) -> Converted:
+def load(name: str, *, checkpoint_path: Optional[Union[str, os.PathLike]] = None, image_processor: Any = None,
+         interpolate_pos_encoding: bool = False) -> Converted:
     """A hub id or a local ``save_pretrained`` directory -> :class:`Converted`.
 
     The class comes from ``config.architectures`` (refused before any weights are read unless
@@ -556,10 +562,12 @@ def load(name: str, *, checkpoint_path: Optional[Union[str, os.PathLike]] = None
     a ``pooler`` (not the class-space path). The image processor is the directory's / hub's
     ``preprocessor_config.json`` when there is one, else the family's defaults (with a
     :class:`~vit_lens.loading.CheckpointWarning`). ``checkpoint_path``: a local directory to read
-    instead of the hub (``name`` then only names the model).
+    instead of the hub (``name`` then only names the model). ``interpolate_pos_encoding``: see
+    :func:`opt_in_interpolation`.
     """
     import transformers
 
+    _check_interpolate_flag(interpolate_pos_encoding)
     if not isinstance(name, str) or not name:
         raise InputTypeError(f"the Hugging Face model must be a non-empty model id or directory, got {name!r}")
     src = str(Path(checkpoint_path).expanduser()) if checkpoint_path is not None else name
@@ -600,7 +608,8 @@ def load(name: str, *, checkpoint_path: Optional[Union[str, os.PathLike]] = None
         if local:
             raise CheckpointMismatchError(
                 f"{src!r}: transformers could not load {cls_name} from it ({type(e).__name__}: {str(e)[:300]}); "
-                "write the folder with model.save_pretrained(DIR)"
+                "check that config.json (sizes, num_labels) describes the saved weights, or write the folder with "
+                "model.save_pretrained(DIR)"
             ) from e
         raise _hub_error(name, e) from e
     missing = sorted(info.get("missing_keys") or [])
@@ -630,29 +639,79 @@ def load(name: str, *, checkpoint_path: Optional[Union[str, os.PathLike]] = None
                 "were trained with other preprocessing.",
                 CheckpointWarning, stacklevel=3,
             )
-    converted = convert(model, name=name, image_processor=image_processor)
+    converted = convert(model, name=name, image_processor=image_processor,
+                        interpolate_pos_encoding=interpolate_pos_encoding)
     converted.config.extra["checkpoint"] = src if local else None
     return converted
 
 
 def load_hf(cls: Any, model_or_name: Any, *, image_processor: Any = None,
             checkpoint_path: Optional[Union[str, os.PathLike]] = None, device: Any = None,
-            dtype: Optional[torch.dtype] = None, **processing: bool) -> Any:
+            dtype: Optional[torch.dtype] = None, interpolate_pos_encoding: bool = False, **processing: bool) -> Any:
     """See :meth:`vit_lens.HookedViT.from_hf`."""
     from vit_lens.loading.processing import validate_processing_options
 
+    _check_interpolate_flag(interpolate_pos_encoding)
     validate_processing_options(cast(Dict[str, object], processing))
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InputTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if isinstance(model_or_name, (str, os.PathLike)):
-        converted = load(str(model_or_name), checkpoint_path=checkpoint_path, image_processor=image_processor)
+        converted = load(str(model_or_name), checkpoint_path=checkpoint_path, image_processor=image_processor,
+                         interpolate_pos_encoding=interpolate_pos_encoding)
         return build_model(cls, converted, device=device or "cpu", dtype=dtype or torch.float32, **processing)
     if checkpoint_path is not None:
         raise InputTypeError("checkpoint_path is for loading by name; an in-memory model already has its weights")
-    converted = convert(model_or_name, image_processor=image_processor)
+    converted = convert(model_or_name, image_processor=image_processor,
+                        interpolate_pos_encoding=interpolate_pos_encoding)
     ref = next(model_or_name.parameters())
     return build_model(cls, converted, device=device if device is not None else ref.device,
                        dtype=dtype or ref.dtype, **processing)
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT / DeiT / CLIP: opt-in position-embedding interpolation (transformers' interpolate_pos_encoding=True)
+# ---------------------------------------------------------------------------------------------
+def _check_interpolate_flag(flag: object) -> None:
+    if not isinstance(flag, bool):
+        raise InputTypeError(f"interpolate_pos_encoding must be True or False, got {flag!r}")
+
+
+def opt_in_interpolation(cfg: HookedViTConfig) -> None:
+    """Make a converted ViT / DeiT / CLIP config accept other image sizes as transformers' forward with
+    ``interpolate_pos_encoding=True`` does (in place on ``cfg``).
+
+    transformers (``ViTEmbeddings`` / ``DeiTEmbeddings`` / ``CLIPVisionEmbeddings.interpolate_pos_encoding``)
+    keeps the [CLS] (and DeiT's [DIST]) position embeddings as they are, reshapes the patch part to
+    its square ``sqrt(n) x sqrt(n)`` grid and resizes it with ``F.interpolate(size=(H // p, W // p),
+    mode="bicubic", align_corners=False)`` (no antialiasing); it skips the interpolation only when the
+    number of patches is the native one and the image is square, i.e. at the native size. The hooked
+    model does the same through :class:`~vit_lens.components.embed.PosEmbed`'s HF-style resampling
+    (``cfg.dynamic_img_size`` with ``cfg.extra["pos_embed_antialias"] = False``, the flag DINOv2 uses),
+    resampling exactly when the patch grid differs from the native one. Differences, both refusals or
+    rounding, never silent: image sizes that are not a multiple of the patch size are refused (HF drops
+    the remainder pixels), and in float16 / bfloat16 the resampling runs in float32 (HF's ViT / DeiT /
+    CLIP resample in the parameter dtype). A non-square native grid is refused (HF's reshape assumes a
+    square one). DINOv2 always interpolates, as HF's ``Dinov2Model``: nothing to do.
+    """
+    cls_name = str(cfg.extra.get("hf_class", ""))
+    family = SUPPORTED_CLASSES[cls_name][0] if cls_name in SUPPORTED_CLASSES else ""
+    if family.startswith("dinov2") and cfg.dynamic_img_size:
+        return
+    if family not in ("vit", "deit", "clip"):
+        raise InputError(
+            f"interpolate_pos_encoding=True is an option of the Hugging Face ViT, DeiT and CLIP classes, not of "
+            f"{cls_name or cfg.model_name}; leave it out"
+        )
+    (h, w), (ph, pw) = cfg.grid_size, cfg.patch_size
+    if h != w or ph != pw:
+        raise UnsupportedModelError(
+            f"{cfg.model_name}: interpolate_pos_encoding=True with a non-square native grid {h}x{w} (patches "
+            f"{ph}x{pw}) is not supported: transformers reshapes the position embeddings to a square grid there; "
+            f"load without it and run {cfg.image_size[0]}x{cfg.image_size[1]} images"
+        )
+    cfg.dynamic_img_size = True
+    cfg.extra["pos_embed_antialias"] = False
+    cfg.extra["interpolate_pos_encoding"] = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,4 +769,5 @@ def table_notes() -> str:
 
 
 __all__ = ["SUPPORTED_CLASSES", "REFUSED_CLASSES", "convert", "load", "load_hf", "config_from_hf", "state_dict_from_hf",
-           "default_image_processor", "data_config_from_processor", "image_processor_from_config", "table_rows"]
+           "default_image_processor", "data_config_from_processor", "image_processor_from_config", "table_rows",
+           "opt_in_interpolation"]

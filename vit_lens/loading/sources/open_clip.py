@@ -440,6 +440,13 @@ def open_model(name: str, *, pretrained: Optional[Union[str, os.PathLike]] = Non
                 )
             pretrained = str(path)
             label += f"/{path.name}"
+    from vit_lens.loading.checkpoints import CheckpointMismatchError, CheckpointNotFoundError
+
+    if name.startswith("local-dir:") and not Path(name[len("local-dir:"):]).expanduser().is_dir():
+        raise CheckpointNotFoundError(
+            f"{name!r}: no such folder; pass 'local-dir:/path/to/folder', a folder with open_clip_config.json and "
+            "the weights (open_clip_pytorch_model.bin or open_clip_model.safetensors)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="QuickGELU mismatch")  # handled above
@@ -447,11 +454,17 @@ def open_model(name: str, *, pretrained: Optional[Union[str, os.PathLike]] = Non
     except (RuntimeError, OSError, ValueError) as e:
         if name.startswith("hf-hub:") or (tag is not None and not name.startswith("local-dir:")):
             what = name if tag is None else f"{name}/{tag}"
-            raise RuntimeError(
+            raise CheckpointNotFoundError(
                 f"could not fetch the OpenCLIP weights {what} ({type(e).__name__}: {str(e)[:200]}). If this "
                 f"machine is offline, pass a local copy: HookedViT.from_open_clip({name!r}, "
                 "pretrained='path/to/open_clip_model.safetensors'), or a folder with open_clip_config.json and the "
-                "weights: HookedViT.from_open_clip('local-dir:/path/to/folder')."
+                "weights: HookedViT.from_open_clip('local-dir:/path/to/folder'); weights already in the Hugging Face "
+                "cache load with HF_HUB_OFFLINE=1."
+            ) from e
+        if isinstance(e, RuntimeError) and "state_dict" in str(e):  # OpenCLIP's strict load_state_dict
+            raise CheckpointMismatchError(
+                f"the weights of {label} do not fit the {name} architecture ({str(e)[:400]}); pass the weights file "
+                "of this model, or the model name (config) the weights were trained with"
             ) from e
         raise
     model.eval()

@@ -32,7 +32,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -209,7 +209,7 @@ def config_from_timm(model: nn.Module, name: Optional[str] = None) -> HookedViTC
     if distilled and not _is_identity(model.fc_norm):
         refuse("fc_norm on a distilled model (timm's distilled head skips it)")
 
-    blocks = list(model.blocks)
+    blocks: List[Any] = list(model.blocks)  # timm Blocks (nn.Module attributes: Any)
     if not blocks:
         refuse("a model without blocks")
     block_types = {type(b) for b in blocks}
@@ -302,8 +302,8 @@ def config_from_timm(model: nn.Module, name: Optional[str] = None) -> HookedViTC
         n_dist_tokens=1 if distilled else 0,
         n_register_tokens=n_reg,
         pos_embed_prefix=not model.no_embed_class,
-        pooling=pooling,
-        act_fn=act,
+        pooling=cast(Any, pooling),  # checked above: "token" / "avg" / "token_dist"
+        act_fn=cast(Any, act),  # one of _act_name's names
         eps=eps_values.pop(),
         normalization_type="LN",
         has_norm_pre=has_norm_pre,
@@ -316,16 +316,19 @@ def config_from_timm(model: nn.Module, name: Optional[str] = None) -> HookedViTC
     if cfg.n_prefix_tokens != model.num_prefix_tokens:
         refuse(f"a prefix-token layout with {model.num_prefix_tokens} tokens")
     expected_pos = cfg.n_patches + (cfg.n_prefix_tokens if cfg.pos_embed_prefix else 0)
-    if model.pos_embed.shape[1] != expected_pos:
-        refuse(f"a position embedding of length {model.pos_embed.shape[1]} (expected {expected_pos})")
+    n_pos = cast(torch.Tensor, model.pos_embed).shape[1]  # not None: refused above
+    if n_pos != expected_pos:
+        refuse(f"a position embedding of length {n_pos} (expected {expected_pos})")
     return cfg
 
 
 # ---------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------
-def state_dict_from_timm(model: nn.Module, cfg: HookedViTConfig) -> Dict[str, torch.Tensor]:
-    """timm state dict -> HookedViT state dict (LayerScale folded into the output weights)."""
+def state_dict_from_timm(model: Any, cfg: HookedViTConfig) -> Dict[str, torch.Tensor]:
+    """timm state dict -> HookedViT state dict (LayerScale folded into the output weights).
+
+    ``model``: a timm ``VisionTransformer`` that :func:`config_from_timm` accepted (``cfg``)."""
     H, E, D = cfg.n_heads, cfg.d_head, cfg.d_model
     sd: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -392,7 +395,7 @@ def _class_names(model: nn.Module, n_classes: int) -> Tuple[Optional[list], Opti
         info = ImageNetInfo(subset)
         if info.num_classes() != n_classes:
             return None, None
-        return info.label_descriptions(), info.label_names()
+        return cast(list, info.label_descriptions()), cast(list, info.label_names())
     except Exception:  # class names are a convenience; never fail a conversion over them
         return None, None
 
@@ -578,7 +581,7 @@ def check_architecture_fast(full_name: str, timm_kwargs: Optional[Dict[str, Any]
     return config_from_timm(_probe(full_name, timm_kwargs or {}), name=full_name)
 
 
-def _probe(full_name: str, kwargs: Dict[str, Any]) -> nn.Module:
+def _probe(full_name: str, kwargs: Dict[str, Any]) -> Any:  # a timm VisionTransformer on the meta device
     import timm
 
     with torch.device("meta"):
@@ -626,7 +629,7 @@ def _outside_vit_lens() -> int:
     import sys
 
     root = str(Path(__file__).resolve().parents[2])
-    level, frame = 1, sys._getframe(1)
+    level, frame = 1, cast(Any, sys._getframe(1))
     while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(root):
         level, frame = level + 1, frame.f_back
     return level
@@ -660,7 +663,8 @@ def _infer_kwargs(full: str, sd: Dict[str, torch.Tensor], user: Dict[str, Any], 
         n_file = 0
     if n_file is not None:
         if "num_classes" in user and user["num_classes"] != n_file:
-            has = f"a {n_file}-class head (head.weight {tuple(head.shape)})" if n_file else "no head (no head.* tensors)"
+            has = (f"a {n_file}-class head (head.weight {tuple(cast(torch.Tensor, head).shape)})" if n_file
+                   else "no head (no head.* tensors)")
             raise CheckpointMismatchError(
                 f"{where} has {has}, but timm_kwargs asks for num_classes={user['num_classes']!r}: timm would "
                 f"{'put a randomly initialised classifier in' if user['num_classes'] else 'drop the saved classifier'}. "
@@ -853,6 +857,7 @@ def open_timm_model(name: str, checkpoint_path: Optional[Union[str, os.PathLike]
                 "checkpoint_path=...), which checks it against the model"
             )
     check_architecture_fast(full, timm_kwargs)
+    ckpt: Optional[Checkpoint]
     if checkpoint_path is not None:
         ckpt = read_checkpoint(checkpoint_path)
     else:
@@ -866,7 +871,7 @@ def open_timm_model(name: str, checkpoint_path: Optional[Union[str, os.PathLike]
             f"timm has no pretrained weights registered for {arch}; pass checkpoint_path=..., or "
             f"build the timm model yourself and use HookedViT.from_timm(model)."
         )
-    n_tag = get_pretrained_cfg(full).num_classes
+    n_tag = cast(Any, get_pretrained_cfg(full)).num_classes  # a tag resolve_model_name returned
     if "num_classes" in timm_kwargs and timm_kwargs["num_classes"] != n_tag:
         raise CheckpointMismatchError(
             f"{full}'s pretrained head has {n_tag} classes; timm_kwargs num_classes={timm_kwargs['num_classes']!r} "
