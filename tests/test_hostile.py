@@ -791,3 +791,51 @@ def test_sources_and_clip_hostile_inputs_raise_library_errors(sctx, offline, cas
     assert isinstance(err.value, VitLensError), f"{type(err.value).__name__}: {err.value}"
     assert [weights_hash(m) for m in sctx.models()] == before
     assert (sctx.tower.cfg.n_classes, sctx.tower.class_names) == classes  # a refused call sets no classes
+
+
+# ---------------------------------------------------------------- weights holding NaN / inf
+def _poisoned(module, name_part: str, value: float):
+    """A copy of ``module`` with one element of the first parameter whose name contains ``name_part`` set to ``value``."""
+    import copy
+
+    m = copy.deepcopy(module)
+    name, p = next((n, p) for n, p in m.named_parameters() if name_part in n)
+    with torch.no_grad():
+        p.view(-1)[3] = value
+    return m, name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_with_nan_or_inf_are_refused_by_every_source(sctx, tmp_path, value):
+    """A corrupt checkpoint (NaN / inf in a weight) is refused by timm, Hugging Face, OpenCLIP and HookedViT.load,
+    naming the tensor; never converted into a model whose every score is NaN."""
+    from safetensors.torch import load_file, save_file
+
+    from vit_lens.loading.checkpoints import CheckpointError
+
+    tm, _ = _poisoned(make_timm("vit_tiny_patch16_224", **KW), "blocks.1.attn.qkv.weight", value)
+    with pytest.raises(CheckpointError, match=r"contain NaN or inf \(blocks\.1\.attn\.W_Q"):
+        HookedViT.from_timm(tm)
+    ckpt = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in tm.state_dict().items()}, str(ckpt))
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        HookedViT.from_pretrained("vit_tiny_patch16_224", checkpoint_path=ckpt, timm_kwargs=KW)
+    hf, _ = _poisoned(sctx.hf, "layers.0.mlp.fc2.weight", value)
+    with pytest.raises(CheckpointError, match=r"NaN or inf \(blocks\.0\.mlp\.W_out"):
+        HookedViT.from_hf(hf)
+    oc, _ = _poisoned(sctx.clip, "visual.proj", value) if any("visual.proj" in n for n, _ in sctx.clip.named_parameters()) \
+        else _poisoned(sctx.clip, "visual.conv1.weight", value)
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        HookedViT.from_open_clip(oc)
+    good = tmp_path / "good.safetensors"
+    HookedViT.from_timm(make_timm("vit_tiny_patch16_224", **KW)).save(good)
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(good))
+    sd["blocks.0.mlp.W_in"].view(-1)[0] = value
+    save_file(sd, str(tmp_path / "saved_bad.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"NaN or inf \(blocks\.0\.mlp\.W_in\)"):
+        HookedViT.load(tmp_path / "saved_bad.safetensors")
+    assert HookedViT.load(good).cfg.n_layers == 2  # the untouched file still loads

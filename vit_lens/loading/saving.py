@@ -84,8 +84,12 @@ def load_hooked(
         raise InputError(f"{str(path)!r} has format {meta.get('format')!r}; this vit_lens reads {list(READABLE)}")
     fields = {f.name for f in dataclasses.fields(HookedViTConfig)}
     cfg = HookedViTConfig(**{k: v for k, v in meta["config"].items() if k in fields})
+    from vit_lens.loading.sources import check_finite
+
     model = cls(cfg)
-    model.load_state_dict(load_file(str(path)), strict=True)
+    sd = load_file(str(path))
+    check_finite(sd, repr(str(path)))
+    model.load_state_dict(sd, strict=True)
     model.class_names = meta.get("class_names")
     model.class_synsets = meta.get("class_synsets")
     data_config = dict(meta.get("data_config") or {})

@@ -76,6 +76,7 @@ def build_model(cls: Any, converted: Converted, *, device: Any = None, dtype: Op
     from vit_lens.loading.processing import process_weights, validate_processing_options
 
     validate_processing_options(processing)
+    check_finite(converted.state_dict, converted.config.model_name)
     ref = next(iter(converted.state_dict.values()))
     device = torch.device(device) if device is not None else ref.device
     dtype = dtype or ref.dtype
@@ -93,6 +94,23 @@ def build_model(cls: Any, converted: Converted, *, device: Any = None, dtype: Op
     return hooked
 
 
+def check_finite(state_dict: Dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or inf (a corrupt file, a diverged training run): every score
+    computed from them would be NaN or meaningless. Tensors on the meta device are skipped."""
+    from vit_lens.loading.checkpoints import CheckpointError
+
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta"
+           and v.numel() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(
+            f"the weights of {what} contain NaN or inf ({', '.join(bad[:5])}{more}); every score computed from them "
+            "would be NaN or meaningless, so they are refused. Re-download or re-export the checkpoint (or find the "
+            "step where training diverged)."
+        )
+
+
 def layer_norm_eps(m: Any, where: str) -> float:
     """The ``eps`` of a source's LayerNorm ``m`` (named ``where`` in errors); anything that is not an
     affine ``nn.LayerNorm`` (RMSNorm, no weight or bias) is refused: HookedViT's LayerNorm would differ."""
@@ -107,4 +125,4 @@ def layer_norm_eps(m: Any, where: str) -> float:
     return float(m.eps)
 
 
-__all__ = ["Converted", "SOURCES", "build_model", "layer_norm_eps"]
+__all__ = ["Converted", "SOURCES", "build_model", "check_finite", "layer_norm_eps"]
