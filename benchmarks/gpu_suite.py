@@ -27,7 +27,8 @@ and the next step still runs.
 
 Time budget: 270 s of steps (with the wheel install and the import check, under 5 minutes; a rerun
 still fits into the 15 device minutes), each step capped by its own limit (``LIMITS``, adding up to
-the budget) and by what is left. How the caps were set (an estimate: the suite has not run on a GPU
+the budget) and by what is left; a step may also use what the earlier ones left unused (the later
+steps' caps stay reserved), so bench_memory, last, gets the slack. How the caps were set (an estimate: the suite has not run on a GPU
 yet): a step's time there is its start-up plus its arithmetic. Start-up (import torch +
 transformer_lens + timm, random init of the timm model, the CUDA context) is what ``--quick`` measures
 on a CPU: 20-40 s per process on the shared 2-core machine at load 8, of which importing alone is
@@ -121,7 +122,7 @@ def steps(py: str, dev: str, quick: bool) -> List[Tuple[str, str, List[str]]]:
         pat = ["--model", "test_vit", "--naive-runs", "2"]
         att = ["--models", "test_vit", "--reps", "1", "--naive-runs", "2", "--exact-layers", "2"]
         run = ["--model", "test_vit", "--batch", "4", "--images", "8", "--workers", "0", "--reps", "1"]
-        mem = ["--model", "test_vit", "--batch", "2"]
+        mem = ["--model", "test_vit", "--batch", "2", "--variants", "timm forward,run_with_cache,stream mean"]
     else:
         fwd = ["--reps", "9", "--no-peers"]
         pat = ["--naive-runs", "24", "--threads", "8"]
@@ -177,9 +178,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     todo = [s for s in steps(py, dev, quick) if args.only is None or s[0] in args.only]
     t0 = time.perf_counter()
     done = []
-    for short, title, cmd in todo:
+    for i, (short, title, cmd) in enumerate(todo):
         left = budget - (time.perf_counter() - t0)
-        limit = LIMITS[short] * args.slack
+        # its own cap, plus whatever the earlier steps left unused (the later steps' caps stay reserved)
+        later = sum(LIMITS[s] for s, _, _ in todo[i + 1:]) * args.slack
+        limit = max(LIMITS[short] * args.slack, left - later)
         if left < 10:
             done.append((short, title, -1, 0.0, limit, "[skipped: the suite's time budget is spent]"))
             continue

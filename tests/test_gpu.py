@@ -194,7 +194,8 @@ def battery(model: Any, x) -> Dict[str, Any]:
     from vit_lens.attribution_patching import agreement
     from vit_lens.class_space import identifiability, logit_lens
     from vit_lens.edges import edge_attribution, patch_edges
-    from vit_lens.explain import attention_rollout, chefer_relevance, class_space_importance, perturbation_curve
+    from vit_lens.explain import (attention_rollout, chefer_relevance, class_space_importance, perturbation_auc,
+                                  perturbation_curve)
 
     out: Dict[str, Any] = {}
     clean, corr = x[:2], x[2:4]
@@ -220,6 +221,8 @@ def battery(model: Any, x) -> Dict[str, Any]:
     out["perturbation"] = perturbation_curve(model, x, 3, out["rollout"], steps=[1, 8], progress=False).mean_target_prob
     with attention_knockout(model, "self_only", layers=[1]), torch.inference_mode():
         out["knockout"] = model(x)
+    # a curve in the model's dtype, on its device (an AUC of the knocked-out target probabilities)
+    out["auc"] = torch.tensor([perturbation_auc(out["knockout"].softmax(-1)[:, 3], 5)])
     return out
 
 
