@@ -190,7 +190,7 @@ def battery(model: Any, x) -> Dict[str, Any]:
     tensor (as returned: on whatever device, in whatever dtype the analysis gives)."""
     from vit_lens import patching
     from vit_lens.ablation import attention_knockout
-    from vit_lens.attribution import dla
+    from vit_lens.attribution import dla, memories
     from vit_lens.attribution_patching import agreement
     from vit_lens.class_space import identifiability, logit_lens
     from vit_lens.edges import edge_attribution, patch_edges
@@ -212,7 +212,14 @@ def battery(model: Any, x) -> Dict[str, Any]:
         _, cache = model.run_with_cache(x)
     out["identifiability"] = torch.as_tensor(identifiability(model, cache, 3).rank)
     out["logit lens"] = logit_lens(model, cache, positions=[0])
-    out["dla"] = torch.as_tensor(dla(model, cache, 3).values)
+    d = dla(model, cache, 3)
+    out["dla"] = torch.as_tensor(d.values)
+    # the tidy tables (numpy takes neither CUDA nor bfloat16 tensors)
+    out["dla table"] = torch.tensor(d.to_frame()["value"].to_numpy(dtype="float64"))
+    out["patching table"] = torch.tensor(ex.to_frame()["value"].to_numpy(dtype="float64"))
+    out["identifiability table"] = torch.tensor(identifiability(model, cache, 3).summary().select_dtypes("number")
+                                                .to_numpy(dtype="float64"))
+    out["memories"] = torch.tensor(memories(model, "mlp", layers=[1]).top_classes(3)["score"].to_numpy(dtype="float64"))
     out["edges attribution"] = edge_attribution(model, clean, corr, metric, progress=False).values
     out["edges exact"] = patch_edges(model, clean, corr, metric, progress=False).values
     out["class-space importance"] = class_space_importance(model, x, 3, progress=False)
