@@ -68,7 +68,10 @@ PICK: Dict[str, str] = {
     "attribution": r"(attribution vs exact|agreement|target)",
     "run32": r"(throughput|images/s|^timm forward|^vit-lens run)",
     "run16": r"(throughput|images/s|^timm forward|^vit-lens run)",
+    "memory": r"^(timm forward|hooked forward|run_with_cache|cache bf16|cache \[CLS\]|resid cache|stream mean|cache to cpu"
+              r"|.*: failed)\s",
 }
+PICK_N = {"memory": 9}  # lines kept in the table (default 3)
 
 
 def run_step(title: str, cmd: List[str], timeout: float) -> Tuple[int, float, str]:
@@ -110,8 +113,8 @@ def summary(name: str, rc: int, out: str) -> str:
         err = [l.strip() for l in (stderr or stdout).splitlines() if l.strip() and not l.startswith(" ")]
         return (err[-1] if err else "(no output)")[:300]
     pat = PICK.get(name)
-    picked = [l for l in lines if pat and re.search(pat, l)][-3:] if pat else []
-    return "; ".join(picked or lines[-1:])[:600]
+    picked = [l for l in lines if pat and re.search(pat, l)][-PICK_N.get(name, 3):] if pat else []
+    return "; ".join(" ".join(l.split()) for l in picked or lines[-1:])[:800]
 
 
 def steps(py: str, dev: str, quick: bool) -> List[Tuple[str, str, List[str]]]:
