@@ -2,9 +2,11 @@
 the same DataLoader, in one run.
 
     python benchmarks/bench_run.py [--model vit_base_patch16_224] [--batch 32] [--images 64] [--workers 0]
-        [--reps 2] [--warmup 1] [--threads N] [--preprocess timm]
+        [--reps 2] [--warmup 1] [--threads N] [--preprocess timm] [--device cpu] [--dtype float32]
 
-Random-initialised weights (speed does not depend on them; the hub is unreachable), float32, CPU.
+Random-initialised weights (speed does not depend on them; the hub is unreachable), float32, CPU
+(``--device cuda`` / ``--dtype bfloat16``: both variants on that device and dtype, the device
+synchronised around every timed pass).
 ``--images`` random JPEGs (a 2-class ImageFolder tree, 320 x 256 pixels) are written to a temporary
 folder. Variants, repetitions interleaved in rotated order (benchmarks/_timing.py):
 
@@ -65,12 +67,15 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--preprocess", choices=("timm", "paper"), default="timm")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: both variants run there")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    tm = timm.create_model(args.model, pretrained=False).eval()
+    tm = timm.create_model(args.model, pretrained=False).eval().to(device=device, dtype=dtype)
     model = HookedViT.from_timm(tm)
     tmp = Path(tempfile.mkdtemp(prefix="bench_run_"))
     try:
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
                                                  collate_fn=collate)
             with torch.inference_mode():
                 for b in loader:
-                    tm(b["images"])
+                    tm(b["images"].to(device=device, dtype=dtype))
 
         def run_pass() -> None:
             out = tmp / f"out{next(runs)}"
@@ -95,12 +100,13 @@ def main(argv=None) -> int:
             assert rep.complete and rep.n_images_run == len(source)
             shutil.rmtree(out)
 
-        t = interleaved({"timm forward": timm_pass, "vit-lens run": run_pass}, reps=args.reps, warmup=args.warmup)
+        t = interleaved({"timm forward": timm_pass, "vit-lens run": run_pass}, reps=args.reps, warmup=args.warmup,
+                        device=device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = args.images
     cfg = model.cfg
-    print(f"{args.model}, {n} images, batch {args.batch}, {args.workers} workers, {cfg.n_layers} layers x {cfg.n_ctx} "
+    print(f"{args.model} {args.dtype} on {args.device}, {n} images, batch {args.batch}, {args.workers} workers, {cfg.n_layers} layers x {cfg.n_ctx} "
           f"tokens x {cfg.n_classes} classes, {torch.get_num_threads()} threads, median of {args.reps}")
     print(f"{'variant':<16}{'seconds':>10}{'images/s':>10}")
     for k in ("timm forward", "vit-lens run"):

@@ -194,7 +194,7 @@ class DLAResult:
         names = []
         for row in idx:
             names.append(_part_name(self.dims, self.coords, row))
-        vals = self.values.detach().reshape(-1, B).cpu().numpy()  # [parts, batch]
+        vals = _np(self.values.reshape(-1, B))  # [parts, batch]
         frames = []
         data = {"image": np.repeat(np.arange(B)[None], len(names), 0).T.reshape(-1),
                 "component": np.tile(np.array(names, dtype=object), B)}
@@ -207,7 +207,7 @@ class DLAResult:
             extra = dict(self.rest)
             extra["constant"] = self.constant
             for name, v in extra.items():
-                frames.append(pd.DataFrame({"image": np.arange(B), "component": name, "value": v.detach().cpu().numpy()}))
+                frames.append(pd.DataFrame({"image": np.arange(B), "component": name, "value": _np(v)}))
         return pd.concat(frames, ignore_index=True)
 
     def top(self, k: int = 10, image: int = 0, largest: bool = True) -> "Any":
@@ -456,7 +456,7 @@ class Memories:
         data["class_index"] = ci
         names = self.class_names or [f"class {i}" for i in range(C)]
         data["class_name"] = [names[i] for i in ci]
-        data["score"] = vals.reshape(-1).cpu().numpy()
+        data["score"] = _np(vals.reshape(-1))
         return pd.DataFrame(data)
 
 
@@ -660,3 +660,9 @@ def memory_compositionality(
     _, B, P = c.shape
     m = position_mask(TokenLayout.for_positions(model, P), positions, batch=B).to(c.device)
     return (c & m).sum((1, 2)).float() / m.sum().clamp_min(1)
+
+
+def _np(t: Tensor) -> "Any":
+    """A tensor on any device as a numpy array (bfloat16, which numpy lacks, as float32)."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()

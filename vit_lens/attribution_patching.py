@@ -573,10 +573,10 @@ def resolve_method(method: Union[str, None]) -> str:
 # comparing an estimate with the exact sweep
 # =============================================================================================
 def _effects(res: Any) -> Tensor:
-    """``values - corrupted`` as ``[batch, cells]`` (float64)."""
+    """``values - corrupted`` as ``[batch, cells]`` (float64, on the CPU: the ranks go through pandas)."""
     i = res.dims.index("batch")
-    v = res.values.double().movedim(i, -1)
-    return (v - res.corrupted.double()).reshape(-1, v.shape[-1]).T
+    v = res.values.detach().cpu().double().movedim(i, -1)
+    return (v - res.corrupted.detach().cpu().double()).reshape(-1, v.shape[-1]).T
 
 
 def _ranks(x: Tensor) -> Tensor:

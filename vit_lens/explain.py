@@ -588,7 +588,10 @@ def perturbation_auc(curve: Union[Tensor, Sequence[float], np.ndarray], n_patche
         model's top-1 class even with every token kept). :class:`PerturbationCurve` and
         :func:`compare_perturbation` say so in an :class:`UndefinedAUCWarning`.
     """
-    c = torch.as_tensor(np.asarray(curve, dtype=np.float64))
+    if isinstance(curve, Tensor):  # any device and dtype (numpy takes neither CUDA nor bfloat16 tensors)
+        c = curve.detach().to(device="cpu", dtype=torch.float64)
+    else:
+        c = torch.as_tensor(np.asarray(curve, dtype=np.float64))
     if c.numel() == 0:
         raise InputError("empty curve")
     mx = float(c.max())

@@ -521,8 +521,8 @@ class PatchingResult:
         n_pre = self.n_prefix_tokens
         shape = list(v.shape)
         shape[i] = rows * cols
-        out = torch.full(shape, float("nan"), dtype=v.dtype)
-        pos = self.positions
+        out = torch.full(shape, float("nan"), dtype=v.dtype, device=v.device)
+        pos = self.positions.to(v.device)
         keep = pos >= n_pre
         out.index_copy_(i, (pos[keep] - n_pre).long(), v.index_select(i, torch.nonzero(keep).reshape(-1)))
         out = out.reshape(*shape[:i], rows, cols, *shape[i + 1 :])
