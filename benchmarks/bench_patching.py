@@ -11,6 +11,11 @@ images). Metric: the logit of the clean image's top class. The full sweep patche
 
 * batched: :func:`vit_lens.patching.patch_positions_sweep` (runs start at the patched layer from
   the corrupted run's cached residual stream; chunks of runs share a forward pass).
+* batched, full patched layer: the same sweep with the patched layer computed in full (the engine
+  before issue 17 item 3: every run recomputes the queries, keys and values of the block it starts
+  in; now they are reused from the clean and corrupted runs, see ``vit_lens.patching._reuse_plan``).
+  Timed in the same turn as the batched sweep, in alternating order; the script prints the ratio
+  of the totals, the median of the per-layer ratios, and the largest difference of their values.
 * naive: for each (layer, position) one ``model.run_with_hooks(corrupted, fwd_hooks=[(name,
   hook)])`` whose hook writes the clean activation at that position -- the TransformerLens way.
   The naive loop takes tens of minutes on 2 cores, so only a random subset of ``--naive-runs``
@@ -89,6 +94,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from vit_lens import HookedViT
+    from vit_lens import patching as patching_module
     from vit_lens.patching import logit_metric, patch_positions_sweep
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -137,8 +143,15 @@ def main(argv=None) -> int:
     per_layer = P if args.naive_runs <= 0 else max(1, args.naive_runs // L)
     subset = {l: rng.sample(range(P), min(per_layer, P)) for l in range(L)}
     naive(0, 1)  # warm-up
-    naive_vals, values = {}, []
-    times = Timings(["naive run", "batched layer", "plain forward"])  # seconds per naive run / per layer's sweep
+    naive_vals, values, full_values = {}, [], []
+    times = Timings(["naive run", "batched layer", "full patched layer", "plain forward"])  # seconds per naive run / per layer's sweep
+
+    def sweep_layer(l: int, reuse: bool):
+        patching_module._REUSE_AT_PATCHED_LAYER = reuse
+        try:
+            return patch_positions_sweep(model, clean, corrupted, metric, layers=[l], memory_mb=args.memory_mb, progress=False)
+        finally:
+            patching_module._REUSE_AT_PATCHED_LAYER = True
 
     def time_naive(pairs):
         for l, q in pairs:
@@ -148,15 +161,18 @@ def main(argv=None) -> int:
     for l in tqdm(range(L), desc="layers (batched sweep + naive subset, interleaved)"):
         half = len(subset[l]) // 2
         time_naive([(l, q) for q in subset[l][:half]])
-        r, _ = times.timed("batched layer", lambda: patch_positions_sweep(
-            model, clean, corrupted, metric, layers=[l], memory_mb=args.memory_mb, progress=False), device)
-        values.append(r.values[0])  # results come back on the CPU: synchronised
+        order = ["batched layer", "full patched layer"][:: 1 if l % 2 == 0 else -1]  # alternate who goes first
+        for name in order:
+            r, _ = times.timed(name, lambda: sweep_layer(l, reuse=name == "batched layer"), device)
+            (values if name == "batched layer" else full_values).append(r.values[0])  # results come back on the CPU: synchronised
         time_naive([(l, q) for q in subset[l][half:]])
         with torch.inference_mode():
             times.timed("plain forward", lambda: model(corrupted), device)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     res_values = torch.stack(values)  # [layer, pos, batch]
+    full_diff = float((res_values - torch.stack(full_values)).abs().max())
     batched_s = times.total("batched layer")
+    full_s = times.total("full patched layer")
     per_run = times.mean("naive run")
     n_naive = times.count("naive run")
     naive_total = per_run * L * P
@@ -171,7 +187,13 @@ def main(argv=None) -> int:
           f"{per_run * 1e3:.0f} ms | 1.00x |")
     print(f"| batched patch_positions_sweep | {L * P} | {batched_s:.0f} s | {batched_s / (L * P) * 1e3:.0f} ms | "
           f"{naive_total / batched_s:.2f}x faster |")
+    print(f"| batched, full patched layer (no K/V reuse) | {L * P} | {full_s:.0f} s | {full_s / (L * P) * 1e3:.0f} ms | "
+          f"{naive_total / full_s:.2f}x faster |")
     print()
+    per_layer = [a / b for a, b in zip(times["batched layer"], times["full patched layer"])]
+    print(f"K/V reuse at the patched layer: batched / full patched layer = {batched_s / full_s:.3f} (totals), "
+          f"median per-layer ratio {times.paired('batched layer', 'full patched layer'):.3f} "
+          f"(per layer: {' '.join(f'{x:.2f}' for x in per_layer)}); max |value diff| between the two = {full_diff:.2e}")
     print(f"batched sweep timed per layer (one patch_positions_sweep call per layer, baselines included), "
           f"interleaved with the naive runs of that layer; load average {load0:.1f} -> {load1:.1f}")
     print(f"naive per-run time: median {times.median('naive run') * 1e3:.0f} ms, "

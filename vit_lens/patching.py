@@ -776,9 +776,32 @@ def _reuse_plan(model: Any, name: str, layer: Optional[int], x0: Tensor, src: Te
     else:
         corr_in = x0 if post else block.ln1(x0)
         clean_in = (src if post else block.ln1(src)) if entry == "rows" else None
-    corr = block.attn.project_qkv(corr_in)
-    clean = None if clean_in is None else block.attn.project_qkv(clean_in)
+    corr = _as_one(block.attn.project_qkv(corr_in))
+    clean = None if clean_in is None else _as_one(block.attn.project_qkv(clean_in))
     return _Reuse(entry, layer, corr, clean, tuple(ln1))
+
+
+def _as_one(qkv: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    """``(q, k, v)`` as the fused projection lays them out, ``(qkv [batch, pos, 3, head, d_head],)``,
+    when they are views of one such buffer; else as they are. Copies for the runs of a chunk keep the
+    layout, so the attention's matmuls see the strides of an unbatched run (the same kernels)."""
+    q, k, v = qkv
+    if q.ndim == 4 and q.shape == k.shape == v.shape:
+        B, N, H, E = q.shape
+        fused = (N * 3 * H * E, 3 * H * E, E, 1)  # strides of a view of a contiguous [B, N, 3, H, E] buffer
+        same = q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        if same and q.stride() == k.stride() == v.stride() == fused and (
+                k.storage_offset() - q.storage_offset() == H * E == v.storage_offset() - k.storage_offset()):
+            return (q.as_strided((B, N, 3, H, E), (fused[0], fused[1], H * E, E, 1), q.storage_offset()),)
+    return qkv
+
+
+def _split(qkv: Tuple[Tensor, ...]) -> Tuple[Tensor, Tensor, Tensor]:
+    if len(qkv) == 1:
+        t = qkv[0]
+        return t[:, :, 0], t[:, :, 1], t[:, :, 2]
+    q, k, v = qkv
+    return q, k, v
 
 
 @contextlib.contextmanager
@@ -809,14 +832,16 @@ def _reusing(model: Any, plan: Optional[_Reuse], n_runs: int, pos: Optional[Tens
         setattr(attn, "forward", forward)  # an instance attribute: shadows the method for this chunk only
     else:
         if plan.entry == "rows":
-            m = None if pos is None else pos.reshape(R, 1, pos.shape[-1], 1, 1)
             assert plan.clean is not None
             qkv = tuple(
-                rep(c) if m is None else torch.where(m, c.unsqueeze(0), a.unsqueeze(0)).reshape(R * a.shape[0], *a.shape[1:])
+                rep(c) if pos is None else torch.where(
+                    pos.reshape(R, 1, pos.shape[-1], *([1] * (c.ndim - 2))), c.unsqueeze(0), a.unsqueeze(0)
+                ).reshape(R * a.shape[0], *a.shape[1:])
                 for c, a in zip(plan.clean, plan.corrupted)
             )
         else:
             qkv = tuple(rep(a) for a in plan.corrupted)
+        qkv = _split(qkv)
 
         def project_qkv(x: Tensor, n_queries: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
             if x.shape[0] != qkv[0].shape[0]:
