@@ -594,15 +594,18 @@ class PatchRuns:
         heads: ``[n_runs, n_heads]`` bool, the heads each run patches (per-head hooks only);
             ``None``: every head.
         n_runs: the number of runs (rows of ``positions`` / ``heads``).
+        features: ``[n_runs, d]`` bool, the entries of the last axis each run patches, for hooks
+            laid out ``[batch, pos, d]`` (e.g. the neurons of ``mlp.hook_post``); ``None``: all.
     """
 
     hook: str
     positions: Optional[Tensor] = None
     heads: Optional[Tensor] = None
     n_runs: int = 1
+    features: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
-        for what, m in (("positions", self.positions), ("heads", self.heads)):
+        for what, m in (("positions", self.positions), ("heads", self.heads), ("features", self.features)):
             if m is not None and (m.dtype != torch.bool or m.ndim != 2 or m.shape[0] != self.n_runs):
                 raise InputError(f"PatchRuns.{what} must be a bool [n_runs={self.n_runs}, ...] tensor, got "
                                  f"{m.dtype} {tuple(m.shape)}")
@@ -936,6 +939,9 @@ def run_sweep(
             src = clean_cache[g.hook]
             tgt = corr_cache[g.hook]
             layout = _layout(g.hook)
+            if g.features is not None and (layout != "pos" or src.ndim != 3 or g.features.shape[1] != src.shape[-1]):
+                raise InputError(f"PatchRuns.features selects entries of the last axis of a [batch, pos, d] hook; {g.hook} "
+                                 f"is {tuple(src.shape)} ({g.features.shape[1]} features given)")
             # which runs would change anything at all
             vals = torch.full((g.n_runs, B), float("nan"), dtype=corr_m.dtype, device=corr_m.device)
             if skip_unchanged:
@@ -967,6 +973,9 @@ def run_sweep(
                 pos = None if g.positions is None else g.positions[ridx].to(src.device)
                 heads = None if g.heads is None else g.heads[ridx].to(src.device)
                 mask = _patch_mask(layout, pos, heads, src.ndim)  # [r, 1, ...]
+                if g.features is not None:
+                    fm = g.features[ridx].to(src.device).reshape(r, 1, 1, -1)  # [r, 1, 1, d]
+                    mask = fm if mask is None else mask & fm
                 captured: Dict[str, Tensor] = {}
 
                 def patch_hook(act: Tensor, hook: Any = None, *, _mask=mask, _r=r) -> Tensor:
@@ -1007,6 +1016,11 @@ def _runs_that_change(layout: str, diff: Tensor, g: PatchRuns) -> Tensor:
     B = diff.shape[0]
     if layout == "none":
         return torch.full((g.n_runs,), bool(diff.any()))
+    if layout == "pos" and g.features is not None:  # [B, P, d]: as a position x feature selection
+        ph = diff.any(0)  # [P, d]
+        pos = g.positions if g.positions is not None else torch.ones(g.n_runs, ph.shape[0], dtype=torch.bool)
+        sel = pos.to(ph.device)[:, :, None] & g.features.to(ph.device)[:, None, :]  # [R, P, d]
+        return (sel & ph[None]).flatten(1).any(-1).cpu()
     if layout == "pos":
         d = diff.reshape(B, diff.shape[1], -1).any(-1).any(0)  # [P]
         ph = None
