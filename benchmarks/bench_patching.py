@@ -11,6 +11,11 @@ images). Metric: the logit of the clean image's top class. The full sweep patche
 
 * batched: :func:`vit_lens.patching.patch_positions_sweep` (runs start at the patched layer from
   the corrupted run's cached residual stream; chunks of runs share a forward pass).
+* batched, full patched layer: the same sweep with the patched layer computed in full (the engine
+  before issue 17 item 3: every run recomputes the queries, keys and values of the block it starts
+  in; now they are reused from the clean and corrupted runs, see ``vit_lens.patching._reuse_plan``).
+  Timed in the same turn as the batched sweep, in alternating order; the script prints the ratio
+  of the totals, the median of the per-layer ratios, and the largest difference of their values.
 * naive: for each (layer, position) one ``model.run_with_hooks(corrupted, fwd_hooks=[(name,
   hook)])`` whose hook writes the clean activation at that position -- the TransformerLens way.
   The naive loop takes tens of minutes on 2 cores, so only a random subset of ``--naive-runs``
@@ -89,6 +94,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from vit_lens import HookedViT
+    from vit_lens import patching as patching_module
     from vit_lens.patching import logit_metric, patch_positions_sweep
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -99,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layers to sweep (default all), for a shorter run; totals then cover those only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -134,44 +142,62 @@ def main(argv=None) -> int:
             return float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, hook)]))[0])
 
     rng = random.Random(args.seed)
-    per_layer = P if args.naive_runs <= 0 else max(1, args.naive_runs // L)
-    subset = {l: rng.sample(range(P), min(per_layer, P)) for l in range(L)}
+    layers = list(range(L)) if args.layers is None else [int(x) % L for x in args.layers.split(",")]
+    per_layer = P if args.naive_runs <= 0 else max(1, args.naive_runs // len(layers))
+    subset = {l: rng.sample(range(P), min(per_layer, P)) for l in layers}
     naive(0, 1)  # warm-up
-    naive_vals, values = {}, []
-    times = Timings(["naive run", "batched layer", "plain forward"])  # seconds per naive run / per layer's sweep
+    naive_vals, values, full_values = {}, [], []
+    times = Timings(["naive run", "batched layer", "full patched layer", "plain forward"])  # seconds per naive run / per layer's sweep
+
+    def sweep_layer(l: int, reuse: bool):
+        patching_module._REUSE_AT_PATCHED_LAYER = reuse
+        try:
+            return patch_positions_sweep(model, clean, corrupted, metric, layers=[l], memory_mb=args.memory_mb, progress=False)
+        finally:
+            patching_module._REUSE_AT_PATCHED_LAYER = True
 
     def time_naive(pairs):
         for l, q in pairs:
             naive_vals[(l, q)], _ = times.timed("naive run", lambda: naive(l, q), device)  # float(): waits
 
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    for l in tqdm(range(L), desc="layers (batched sweep + naive subset, interleaved)"):
+    for l in tqdm(layers, desc="layers (batched sweep + naive subset, interleaved)"):
         half = len(subset[l]) // 2
         time_naive([(l, q) for q in subset[l][:half]])
-        r, _ = times.timed("batched layer", lambda: patch_positions_sweep(
-            model, clean, corrupted, metric, layers=[l], memory_mb=args.memory_mb, progress=False), device)
-        values.append(r.values[0])  # results come back on the CPU: synchronised
+        order = ["batched layer", "full patched layer"][:: 1 if l % 2 == 0 else -1]  # alternate who goes first
+        for name in order:
+            r, _ = times.timed(name, lambda: sweep_layer(l, reuse=name == "batched layer"), device)
+            (values if name == "batched layer" else full_values).append(r.values[0])  # results come back on the CPU: synchronised
         time_naive([(l, q) for q in subset[l][half:]])
         with torch.inference_mode():
             times.timed("plain forward", lambda: model(corrupted), device)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     res_values = torch.stack(values)  # [layer, pos, batch]
+    full_diff = float((res_values - torch.stack(full_values)).abs().max())
     batched_s = times.total("batched layer")
+    full_s = times.total("full patched layer")
     per_run = times.mean("naive run")
     n_naive = times.count("naive run")
-    naive_total = per_run * L * P
-    diffs = [abs(res_values[l, q, 0].item() - v) for (l, q), v in naive_vals.items()]
+    nL = len(layers)
+    naive_total = per_run * nL * P
+    diffs = [abs(res_values[layers.index(l), q, 0].item() - v) for (l, q), v in naive_vals.items()]
     denom = float(clean_m - corr_m)
     ndiffs = [d / abs(denom) for d in diffs]
     print()
     print("| variant | runs timed | time | per patched run | ratio vs naive |")
     print("|---|---|---|---|---|")
-    how = "" if n_naive == L * P else " (extrapolated)"
-    print(f"| naive run_with_hooks loop{how} | {n_naive} of {L * P} | {naive_total:.0f} s | "
+    how = "" if n_naive == nL * P else " (extrapolated)"
+    print(f"| naive run_with_hooks loop{how} | {n_naive} of {nL * P} | {naive_total:.0f} s | "
           f"{per_run * 1e3:.0f} ms | 1.00x |")
-    print(f"| batched patch_positions_sweep | {L * P} | {batched_s:.0f} s | {batched_s / (L * P) * 1e3:.0f} ms | "
+    print(f"| batched patch_positions_sweep | {nL * P} | {batched_s:.0f} s | {batched_s / (nL * P) * 1e3:.0f} ms | "
           f"{naive_total / batched_s:.2f}x faster |")
+    print(f"| batched, full patched layer (no K/V reuse) | {nL * P} | {full_s:.0f} s | {full_s / (nL * P) * 1e3:.0f} ms | "
+          f"{naive_total / full_s:.2f}x faster |")
     print()
+    per_layer = [a / b for a, b in zip(times["batched layer"], times["full patched layer"])]
+    print(f"K/V reuse at the patched layer: batched / full patched layer = {batched_s / full_s:.3f} (totals), "
+          f"median per-layer ratio {times.paired('batched layer', 'full patched layer'):.3f} "
+          f"(per layer: {' '.join(f'{x:.2f}' for x in per_layer)}); max |value diff| between the two = {full_diff:.2e}")
     print(f"batched sweep timed per layer (one patch_positions_sweep call per layer, baselines included), "
           f"interleaved with the naive runs of that layer; load average {load0:.1f} -> {load1:.1f}")
     print(f"naive per-run time: median {times.median('naive run') * 1e3:.0f} ms, "

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Float
@@ -53,6 +53,7 @@ from vit_lens.patching import (
     bind_metric,
     call_metric,
     hook_layout,
+    run_sweep,
     sweep_options,
 )
 
@@ -502,63 +503,19 @@ def exact_neuron_sweep(
     desc: str = "patching neurons",
     **keywords: Any,
 ) -> Tuple[Float[Tensor, "n_runs batch"], Float[Tensor, "batch"], Float[Tensor, "batch"]]:
-    """Exact patching of one neuron (at the chosen positions) per run, batched like the other sweeps:
-    each run starts at the neuron's block from the corrupted residual stream, chunks of runs share a
-    forward pass. Returns ``(values [total runs, batch], clean metric, corrupted metric)``."""
-    opts = sweep_options(options, **keywords)
+    """Exact patching of one neuron (at the chosen positions) per run: the sweep engine
+    (:func:`vit_lens.patching.run_sweep`) with one :class:`~vit_lens.patching.PatchRuns` per layer
+    whose ``features`` pick each run's neuron. Returns ``(values [total runs, batch], clean metric,
+    corrupted metric)``."""
     _check_pairs(model, clean, corrupted)
-    metric = bind_metric(metric, model)
-    runs = list(runs)
-    mname = getattr(metric, "hook_name", None)
-    if mname is not None:
-        hook_name(model, mname)
-    hooks = sorted({r.hook for r in runs})
-    starts = sorted({f"blocks.{r.layer}.hook_resid_pre" for r in runs})
-    want_c = hooks + ([mname] if mname else [])
-    with torch.inference_mode():
-        c_logits, c_cache = model.run_with_cache(clean, names_filter=sorted(set(want_c)))
-        k_logits, k_cache = model.run_with_cache(corrupted, names_filter=sorted(set(want_c) | set(starts)))
-        cm = call_metric(metric, c_logits, c_cache[mname] if mname else None)
-        km = call_metric(metric, k_logits, k_cache[mname] if mname else None)
-        B = corrupted.shape[0]
-        bar = progress_bar(total=sum(r.n_runs for r in runs), progress=opts.progress, desc=desc, unit="run", leave=True)
-        out = []
-        for r in runs:
-            x0 = k_cache[f"blocks.{r.layer}.hook_resid_pre"]
-            src = c_cache[r.hook]
-            P, N = src.shape[1], src.shape[2]
-            pos = torch.ones(P, dtype=torch.bool) if r.positions is None else r.positions.reshape(-1)
-            R = opts.chunk_size or max(1, int(opts.memory_mb * 2**20 // (4 * B * P * (3 * model.cfg.d_mlp + 10 * model.cfg.d_model))))
-            if opts.chunk_size is None and x0.device.type == "cpu":
-                R = min(R, max(1, CPU_CHUNK_TOKENS // (P * B)))
-            vals = torch.empty(r.n_runs, B, dtype=km.dtype, device=km.device)
-            m_layer = None if mname is None else hook_layer(model, mname)
-            for s in range(0, r.n_runs, R):
-                idx = r.neurons[s : s + R].to(src.device)
-                n = idx.numel()
-                mask = torch.zeros(n, 1, P, N, dtype=torch.bool, device=src.device)
-                mask[torch.arange(n), 0, :, idx] = pos.to(src.device)[None].expand(n, P)
-                captured: Dict[str, Tensor] = {}
-
-                def patch(act: Tensor, hook: Any = None, *, _m=mask, _n=n) -> Tensor:
-                    a = act.view(_n, B, *act.shape[1:])
-                    return torch.where(_m, src.unsqueeze(0), a).reshape(act.shape)
-
-                fwd: List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]] = [(r.hook, patch)]
-                if mname is not None and m_layer is not None and m_layer >= r.layer:
-                    fwd.append((mname, lambda a, hook=None: captured.__setitem__("x", a)))
-                x = x0.unsqueeze(0).expand(n, *x0.shape).reshape(n * B, *x0.shape[1:])
-                with model.hooks(fwd_hooks=fwd):
-                    logits = model(x, start_at_layer=r.layer).view(n, B, -1)
-                act = None
-                if mname is not None:
-                    act = (captured["x"].view(n, B, *captured["x"].shape[1:]) if "x" in captured
-                           else k_cache[mname].unsqueeze(0).expand(n, *k_cache[mname].shape))
-                vals[s : s + n] = call_metric(metric, logits, act).to(vals.dtype)
-                bar.update(n)
-            out.append(vals)
-        bar.close()
-    return torch.cat(out, 0).cpu(), cm.cpu(), km.cpu()
+    groups = []
+    for r in runs:
+        n, d_mlp = r.n_runs, model.cfg.d_mlp
+        features = torch.zeros(n, d_mlp, dtype=torch.bool)
+        features[torch.arange(n), r.neurons.reshape(-1).long().cpu()] = True
+        pos = None if r.positions is None else r.positions.reshape(1, -1).cpu().expand(n, -1)
+        groups.append(PatchRuns(r.hook, pos, None, n, features=features))
+    return run_sweep(model, clean, corrupted, metric, groups, options=options, desc=desc, **keywords)
 
 
 def resolve_method(method: Union[str, None]) -> str:

@@ -38,6 +38,7 @@ every token), the target's 0-based rank is :func:`vit_lens.class_space.class_ran
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
@@ -593,15 +594,18 @@ class PatchRuns:
         heads: ``[n_runs, n_heads]`` bool, the heads each run patches (per-head hooks only);
             ``None``: every head.
         n_runs: the number of runs (rows of ``positions`` / ``heads``).
+        features: ``[n_runs, d]`` bool, the entries of the last axis each run patches, for hooks
+            laid out ``[batch, pos, d]`` (e.g. the neurons of ``mlp.hook_post``); ``None``: all.
     """
 
     hook: str
     positions: Optional[Tensor] = None
     heads: Optional[Tensor] = None
     n_runs: int = 1
+    features: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
-        for what, m in (("positions", self.positions), ("heads", self.heads)):
+        for what, m in (("positions", self.positions), ("heads", self.heads), ("features", self.features)):
             if m is not None and (m.dtype != torch.bool or m.ndim != 2 or m.shape[0] != self.n_runs):
                 raise InputError(f"PatchRuns.{what} must be a bool [n_runs={self.n_runs}, ...] tensor, got "
                                  f"{m.dtype} {tuple(m.shape)}")
@@ -678,6 +682,182 @@ def _bytes_per_run(model: Any, n_pos: int, batch: int, materialised: bool) -> in
     cfg = model.cfg
     per_token = 3 * cfg.d_mlp + 10 * cfg.d_model + (2 * cfg.n_heads * n_pos if materialised else 0)
     return 4 * batch * n_pos * per_token + 4 * batch * max(cfg.n_classes, 1) * 4
+
+
+#: Whether exact sweeps reuse, at the patched layer, what the patch leaves unchanged (see
+#: :func:`_reuse_plan`). Only benchmarks and tests turn it off, to compare with the full computation.
+_REUSE_AT_PATCHED_LAYER = True
+
+_LN1 = ("ln1.hook_scale", "ln1.hook_normalized")
+
+
+@dataclass
+class _Reuse:
+    """What the patched block of one group of runs reuses instead of computing it per run.
+
+    ``entry``: ``"rows"`` (the patch writes the clean activation at some positions before the
+    attention: queries, keys and values are the clean run's at those positions and the corrupted
+    run's elsewhere), ``"qkv"`` (the patch is inside the attention: its queries, keys and values
+    are the corrupted run's) or ``"attn"`` (the patch is after the attention: its output is the
+    corrupted run's). ``corrupted`` / ``clean``: ``(q, k, v)`` ``[batch, pos, head, d_head]``, or
+    for ``"attn"`` the attention output ``(out,)`` ``[batch, pos, d_model]``, of one run (batch
+    ``B``), computed once per group by the block's own modules. ``checked``: the hook points of
+    the block the reuse bypasses or relies on; a hook there (the metric's) means no reuse.
+    """
+
+    entry: str
+    layer: int
+    corrupted: Tuple[Tensor, ...]
+    clean: Optional[Tuple[Tensor, ...]]
+    checked: Tuple[Any, ...]
+
+
+def _reuse_entry(model: Any, name: str, layer: int) -> Optional[str]:
+    """Where in block ``layer`` a patch of hook ``name`` first changes anything, as a reuse entry
+    (see :class:`_Reuse`), or None where reuse would not be exact (then the block runs in full).
+
+    Pre-norm (``attn(ln1(resid_pre))``): ``hook_resid_pre`` and ``ln1.hook_normalized`` (the
+    attention's input) at positions P change the queries, keys and values at P only (the norm and
+    the projections act on each position alone) -> ``"rows"``; ``ln1.hook_scale`` gives a value
+    neither run had -> None. Post-norm (``ln1(attn(resid_pre))``): ``hook_resid_pre`` -> ``"rows"``,
+    ``ln1.*`` come after the attention -> ``"attn"``. Either: ``attn.hook_q/k/v/attn_scores/pattern/
+    z/result`` leave the projections unchanged -> ``"qkv"``; ``hook_attn_out`` and everything after
+    it (``resid_mid``, ``ln2.*``, ``mlp.*``, ``mlp_out``, ``resid_post``) leave the attention
+    unchanged -> ``"attn"``.
+    """
+    from vit_lens.components.attention import Attention
+    from vit_lens.components.block import TransformerBlock
+
+    block = model.blocks[layer]
+    if type(block) is not TransformerBlock or type(block.attn) is not Attention:
+        return None  # another block class: its forward is not the one reasoned about here
+    prefix = f"blocks.{layer}."
+    if not name.startswith(prefix):
+        return None
+    suffix = name[len(prefix):]
+    post = bool(model.cfg.post_norm)
+    if suffix == "hook_resid_pre":
+        return "rows"
+    if suffix in _LN1:
+        if post:
+            return "attn"
+        return "rows" if suffix == "ln1.hook_normalized" else None
+    if suffix.startswith("attn.hook_"):
+        return "qkv"
+    if suffix in ("hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post") or suffix.startswith(("ln2.", "mlp.")):
+        return "attn"
+    return None
+
+
+def _hook_points(module: Any, prefix: str = "") -> List[Tuple[str, Any]]:
+    return [(f"{prefix}{n}", m) for n, m in module.named_modules() if hasattr(m, "has_hooks")]
+
+
+def _reuse_plan(model: Any, name: str, layer: Optional[int], x0: Tensor, src: Tensor, tgt: Tensor) -> Optional[_Reuse]:
+    """The reuse of a group patching hook ``name`` (clean activation ``src``, corrupted ``tgt``,
+    ``[batch, ...]``) from block ``layer``'s input ``x0`` ``[batch, pos, d_model]``; None: no
+    reuse (the block runs in full). Called outside the sweep's hooks: any hook already in the
+    block (a user's) means no reuse, so the block's own modules compute exactly what one
+    unbatched run computes."""
+    if not _REUSE_AT_PATCHED_LAYER or layer is None or layer >= model.cfg.n_layers:
+        return None
+    entry = _reuse_entry(model, name, layer)
+    if entry is None:
+        return None
+    block = model.blocks[layer]
+    if any(hp.has_hooks() for _, hp in _hook_points(block)):
+        return None
+    post = bool(model.cfg.post_norm)
+    suffix = name[len(f"blocks.{layer}."):]
+    ln1 = [] if post else [hp for n, hp in _hook_points(block.ln1, "ln1.") if n != suffix]
+    attn = [hp for _, hp in _hook_points(block.attn)]
+    if entry == "attn":
+        out = block.attn(x0 if post else block.ln1(x0))
+        return _Reuse(entry, layer, (out,), None, tuple(ln1 + attn))
+    if suffix == "ln1.hook_normalized":  # pre-norm: the attention's input itself
+        corr_in, clean_in = tgt, src
+    else:
+        corr_in = x0 if post else block.ln1(x0)
+        clean_in = (src if post else block.ln1(src)) if entry == "rows" else None
+    corr = _as_one(block.attn.project_qkv(corr_in))
+    clean = None if clean_in is None else _as_one(block.attn.project_qkv(clean_in))
+    return _Reuse(entry, layer, corr, clean, tuple(ln1))
+
+
+def _as_one(qkv: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    """``(q, k, v)`` as the fused projection lays them out, ``(qkv [batch, pos, 3, head, d_head],)``,
+    when they are views of one such buffer; else as they are. Copies for the runs of a chunk keep the
+    layout, so the attention's matmuls see the strides of an unbatched run (the same kernels)."""
+    q, k, v = qkv
+    if q.ndim == 4 and q.shape == k.shape == v.shape:
+        B, N, H, E = q.shape
+        fused = (N * 3 * H * E, 3 * H * E, E, 1)  # strides of a view of a contiguous [B, N, 3, H, E] buffer
+        same = q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        if same and q.stride() == k.stride() == v.stride() == fused and (
+                k.storage_offset() - q.storage_offset() == H * E == v.storage_offset() - k.storage_offset()):
+            return (q.as_strided((B, N, 3, H, E), (fused[0], fused[1], H * E, E, 1), q.storage_offset()),)
+    return qkv
+
+
+def _split(qkv: Tuple[Tensor, ...]) -> Tuple[Tensor, Tensor, Tensor]:
+    if len(qkv) == 1:
+        t = qkv[0]
+        return t[:, :, 0], t[:, :, 1], t[:, :, 2]
+    q, k, v = qkv
+    return q, k, v
+
+
+@contextlib.contextmanager
+def _reusing(model: Any, plan: Optional[_Reuse], n_runs: int, pos: Optional[Tensor]):
+    """Within: the patched block of a chunk of ``n_runs`` runs (batch ``n_runs * B``) takes its
+    queries / keys / values (or its attention output) from ``plan`` instead of computing them;
+    ``pos`` ``[n_runs, pos]`` (``"rows"``): where each run patches (None: everywhere). Enter it
+    inside the sweep's hooks: a hook on a checked hook point (the metric's) turns reuse off."""
+    attn = None if plan is None else model.blocks[plan.layer].attn
+    if (attn is None or any(hp.has_hooks() for hp in plan.checked)
+            or "forward" in attn.__dict__ or "project_qkv" in attn.__dict__):  # someone else's override: leave it be
+        yield
+        return
+    R = n_runs
+
+    def rep(t: Tensor) -> Tensor:  # [B, ...] -> [R * B, ...], the runs of the chunk in turn
+        return t.unsqueeze(0).expand(R, *t.shape).reshape(R * t.shape[0], *t.shape[1:])
+
+    assert plan is not None
+    if plan.entry == "attn":
+        out = rep(plan.corrupted[0])
+
+        def forward(x: Tensor, n_queries: Optional[int] = None) -> Tensor:
+            if x.shape[0] != out.shape[0]:
+                raise RuntimeError(f"reused attention output for batch {out.shape[0]}, got {x.shape[0]}")  # pragma: no cover
+            return out if n_queries is None else out[:, :n_queries]
+
+        setattr(attn, "forward", forward)  # an instance attribute: shadows the method for this chunk only
+    else:
+        if plan.entry == "rows":
+            assert plan.clean is not None
+            qkv = tuple(
+                rep(c) if pos is None else torch.where(
+                    pos.reshape(R, 1, pos.shape[-1], *([1] * (c.ndim - 2))), c.unsqueeze(0), a.unsqueeze(0)
+                ).reshape(R * a.shape[0], *a.shape[1:])
+                for c, a in zip(plan.clean, plan.corrupted)
+            )
+        else:
+            qkv = tuple(rep(a) for a in plan.corrupted)
+        qkv = _split(qkv)
+
+        def project_qkv(x: Tensor, n_queries: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+            if x.shape[0] != qkv[0].shape[0]:
+                raise RuntimeError(f"reused keys and values for batch {qkv[0].shape[0]}, got {x.shape[0]}")  # pragma: no cover
+            q, k, v = qkv
+            return (q if n_queries is None else q[:, :n_queries]), k, v
+
+        setattr(attn, "project_qkv", project_qkv)
+    try:
+        yield
+    finally:
+        attn.__dict__.pop("forward", None)
+        attn.__dict__.pop("project_qkv", None)
 
 
 def run_sweep(
@@ -759,6 +939,9 @@ def run_sweep(
             src = clean_cache[g.hook]
             tgt = corr_cache[g.hook]
             layout = _layout(g.hook)
+            if g.features is not None and (layout != "pos" or src.ndim != 3 or g.features.shape[1] != src.shape[-1]):
+                raise InputError(f"PatchRuns.features selects entries of the last axis of a [batch, pos, d] hook; {g.hook} "
+                                 f"is {tuple(src.shape)} ({g.features.shape[1]} features given)")
             # which runs would change anything at all
             vals = torch.full((g.n_runs, B), float("nan"), dtype=corr_m.dtype, device=corr_m.device)
             if skip_unchanged:
@@ -769,6 +952,8 @@ def run_sweep(
             vals[~todo.to(vals.device)] = corr_m.to(vals.dtype)
             bar.update(int((~todo).sum()))
             idx_todo = torch.nonzero(todo).reshape(-1)
+            plan = _reuse_plan(model, g.hook, start, corr_cache[f"blocks.{start}.hook_resid_pre"], src, tgt) if (
+                idx_todo.numel() and start is not None and start < L) else None
             if start is None:
                 x0 = corrupted
                 n_pos = src.shape[1] if layout != "none" else model.cfg.n_ctx
@@ -788,6 +973,9 @@ def run_sweep(
                 pos = None if g.positions is None else g.positions[ridx].to(src.device)
                 heads = None if g.heads is None else g.heads[ridx].to(src.device)
                 mask = _patch_mask(layout, pos, heads, src.ndim)  # [r, 1, ...]
+                if g.features is not None:
+                    fm = g.features[ridx].to(src.device).reshape(r, 1, 1, -1)  # [r, 1, 1, d]
+                    mask = fm if mask is None else mask & fm
                 captured: Dict[str, Tensor] = {}
 
                 def patch_hook(act: Tensor, hook: Any = None, *, _mask=mask, _r=r) -> Tensor:
@@ -807,7 +995,7 @@ def run_sweep(
 
                     hooks.append((mname, grab))
                 x = x0.unsqueeze(0).expand(r, *x0.shape).reshape(r * B, *x0.shape[1:])
-                with model.hooks(fwd_hooks=hooks):
+                with model.hooks(fwd_hooks=hooks), _reusing(model, plan, r, pos):
                     logits = _forward_from(model, start, x, prune_last=mname is None)
                 logits = logits.view(r, B, -1)
                 act = None
@@ -828,6 +1016,11 @@ def _runs_that_change(layout: str, diff: Tensor, g: PatchRuns) -> Tensor:
     B = diff.shape[0]
     if layout == "none":
         return torch.full((g.n_runs,), bool(diff.any()))
+    if layout == "pos" and g.features is not None:  # [B, P, d]: as a position x feature selection
+        ph = diff.any(0)  # [P, d]
+        pos = g.positions if g.positions is not None else torch.ones(g.n_runs, ph.shape[0], dtype=torch.bool)
+        sel = pos.to(ph.device)[:, :, None] & g.features.to(ph.device)[:, None, :]  # [R, P, d]
+        return (sel & ph[None]).flatten(1).any(-1).cpu()
     if layout == "pos":
         d = diff.reshape(B, diff.shape[1], -1).any(-1).any(0)  # [P]
         ph = None

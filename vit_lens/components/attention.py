@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -120,6 +120,14 @@ class Attention(nn.Module):
         """Attention of every token (or, with ``n_queries``, of the first ``n_queries`` tokens only:
         every token still gives keys and values; the output and the query-side hooks then have
         ``n_queries`` positions -- the readout of a [CLS]-pooled model needs no more)."""
+        return self.forward_qkv(*self.project_qkv(x, n_queries))
+
+    def project_qkv(
+        self, x: Float[Tensor, "batch pos d_model"], n_queries: Optional[int] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The queries ``[batch, query_pos, head, d_head]`` (``query_pos`` = ``n_queries`` or every
+        position), keys and values ``[batch, pos, head, d_head]`` of ``x``, before their hooks; the
+        first step of :meth:`forward`."""
         B, N, _ = x.shape
         H, E = self.cfg.n_heads, self.cfg.d_head
         W = self._fused_qkv_weight() if n_queries is None else None
@@ -131,6 +139,19 @@ class Attention(nn.Module):
             q = self._project(x if n_queries is None else x[:, :n_queries], self.W_Q, self.b_Q)
             k = self._project(x, self.W_K, self.b_K)
             v = self._project(x, self.W_V, self.b_V)
+        return q, k, v
+
+    def forward_qkv(
+        self,
+        q: Float[Tensor, "batch query_pos head d_head"],
+        k: Float[Tensor, "batch pos head d_head"],
+        v: Float[Tensor, "batch pos head d_head"],
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """The attention from given queries, keys and values (the projections already made), from
+        ``hook_q`` on: every hook from there fires as in :meth:`forward`, which is this after the
+        projections. Patching sweeps use it to reuse the keys and values a patch leaves unchanged."""
+        B, N = k.shape[0], k.shape[1]
+        H, E = self.cfg.n_heads, self.cfg.d_head
         Nq = q.shape[1]
         q = self.hook_q(q)  # [batch, query_pos, head, d_head]
         k = self.hook_k(k)

@@ -1,0 +1,316 @@
+"""Exact sweeps reuse, at the patched layer, what a patch leaves unchanged (issue 17 item 3): the
+queries / keys / values (or the attention output) of the block a run starts in come from the clean
+and corrupted runs instead of being recomputed per run. The results must be the naive loop's (one
+full forward per patch, the hook doing plain indexing):
+
+* bit for bit (``torch.equal``) where the arithmetic is the same: one run per chunk
+  (``chunk_size=1``, so every matmul has the naive run's shape) and no pruned last block (average
+  pooling, post-norm blocks);
+* within float32 rounding otherwise: chunks batch several runs into one matmul, and the pruned last
+  block of a token-pooled model projects only the pooled rows -- both round differently from a
+  batch-1 forward (the engine without reuse does the same, and is compared too).
+
+Reuse is seen to happen (the patched block's projections run once per group, not once per run),
+falls back to the full computation where it could not be exact (``ln1.hook_scale`` of a pre-norm
+block, a user's hook in the patched block, a metric reading a bypassed hook), and leaves the model
+as it was, also when a sweep is interrupted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_timm
+from timm.models.vision_transformer import ResPostBlock
+
+import vit_lens.patching as patching
+from vit_lens import HookedViT
+from vit_lens.components.attention import Attention
+from vit_lens.patching import (
+    identifiability_metric,
+    logit_diff_metric,
+    patch_heads_sweep,
+    patch_neurons_sweep,
+    patch_positions_sweep,
+)
+
+KW = dict(img_size=16, patch_size=8, depth=2, num_classes=7, embed_dim=48, num_heads=3)
+VARIANTS = {
+    "token": ("vit_tiny_patch16_224", {}),
+    "token_dist": ("deit_tiny_distilled_patch16_224", {}),
+    "avg": ("vit_tiny_patch16_224", dict(global_pool="avg", class_token=False)),
+    "reg": ("vit_tiny_patch16_224", dict(reg_tokens=2, no_embed_class=True)),
+    "post_norm": ("vit_tiny_patch16_224", dict(block_fn=ResPostBlock)),
+}
+METRIC = logit_diff_metric([1, 2], [3, 4])
+#: hooks with a position axis, one per kind of reuse (and fallback) at the patched layer
+POS_HOOKS = ["resid_pre", "ln1.hook_normalized", "ln1.hook_scale", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+             "attn.hook_z", "attn_out", "resid_mid", "ln2.hook_normalized", "mlp.hook_pre", "mlp_out", "resid_post"]
+
+
+def _model(kind: str, seed: int = 0) -> HookedViT:
+    name, kw = VARIANTS[kind]
+    return HookedViT.from_timm(make_timm(name, seed=seed, **{**KW, **kw}))
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def model(request) -> HookedViT:
+    return _model(request.param)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+
+
+def _full(name: str) -> str:
+    return name if "." in name else f"hook_{name}"
+
+
+def _naive(m, corrupted, name, src, pos=None, head=None):
+    """One full forward with a raw hook doing plain indexing: the reference."""
+
+    def hook(act, hook=None):
+        act = act.clone()
+        if head is None:
+            act[:, pos] = src[:, pos]
+        elif act.ndim == 4 and name.endswith(("hook_pattern", "hook_attn_scores")):
+            act[:, head] = src[:, head]
+        else:
+            act[:, :, head] = src[:, :, head]
+        return act
+
+    with torch.inference_mode():
+        return METRIC(m.run_with_hooks(corrupted, fwd_hooks=[(name, hook)]))
+
+
+def _naive_positions(m, clean, corrupted, hook):
+    L, P = m.cfg.n_layers, m.cfg.n_ctx
+    names = [f"blocks.{l}.{_full(hook)}" for l in range(L)]
+    with torch.inference_mode():
+        _, cache = m.run_with_cache(clean, names_filter=names)
+    return torch.stack([torch.stack([_naive(m, corrupted, n, cache[n], pos=p) for p in range(P)]) for n in names])
+
+
+def _sweep(m, clean, corrupted, hook, reuse=True, **kw):
+    patching._REUSE_AT_PATCHED_LAYER = reuse
+    try:
+        return patch_positions_sweep(m, clean, corrupted, METRIC, hook=hook, progress=False, **kw)
+    finally:
+        patching._REUSE_AT_PATCHED_LAYER = True
+
+
+def _no_overrides(m):
+    return all("forward" not in b.attn.__dict__ and "project_qkv" not in b.attn.__dict__ for b in m.blocks)
+
+
+# ------------------------------------------------------------------ which patches reuse what
+def test_reuse_entry_of_every_block_hook():
+    """The case analysis, per hook of a block, for pre-norm and post-norm blocks."""
+    pre, post = _model("token"), _model("post_norm")
+    want = {
+        "hook_resid_pre": ("rows", "rows"),
+        "ln1.hook_normalized": ("rows", "attn"),  # pre-norm: the attention's input; post-norm: after the attention
+        "ln1.hook_scale": (None, "attn"),  # pre-norm: a value neither run had
+        "attn.hook_q": ("qkv", "qkv"), "attn.hook_k": ("qkv", "qkv"), "attn.hook_v": ("qkv", "qkv"),
+        "attn.hook_attn_scores": ("qkv", "qkv"), "attn.hook_pattern": ("qkv", "qkv"),
+        "attn.hook_z": ("qkv", "qkv"), "attn.hook_result": ("qkv", "qkv"),
+        "hook_attn_out": ("attn", "attn"), "hook_resid_mid": ("attn", "attn"), "ln2.hook_scale": ("attn", "attn"),
+        "mlp.hook_pre": ("attn", "attn"), "mlp.hook_post": ("attn", "attn"), "hook_mlp_out": ("attn", "attn"),
+        "hook_resid_post": ("attn", "attn"),
+    }
+    seen = {n[len("blocks.1."):] for n in pre.hook_dict if n.startswith("blocks.1.")}
+    assert seen == set(want) | {"ln2.hook_normalized"}  # every hook of a block is reasoned about
+    for suffix, (a, b) in want.items():
+        assert patching._reuse_entry(pre, f"blocks.1.{suffix}", 1) == a, suffix
+        assert patching._reuse_entry(post, f"blocks.1.{suffix}", 1) == b, suffix
+    assert patching._reuse_entry(pre, "blocks.1.hook_resid_pre", 0) is None  # another block's hook
+
+
+# ------------------------------------------------------------------ identical to the naive loop
+@pytest.mark.parametrize("kind", ["avg", "post_norm"])
+def test_one_run_per_chunk_equals_the_naive_loop_bit_for_bit(kind, pair):
+    """Same shapes, same kernels: the reused keys and values are exactly what the naive run computes."""
+    m = _model(kind)
+    clean, corr = pair
+    for hook in POS_HOOKS:
+        ref = _naive_positions(m, clean, corr, hook)
+        got = _sweep(m, clean, corr, hook, chunk_size=1)
+        assert torch.equal(got.values, ref), hook
+    assert ref.std() > 1e-3  # the patches move the metric
+
+
+def test_chunked_sweeps_equal_the_naive_loop_every_model(model, pair):
+    """Chunks of runs share matmuls (and token pooling prunes the last block): float32 rounding, the
+    same as the engine that recomputes the patched layer."""
+    clean, corr = pair
+    for hook in ("resid_pre", "ln1.hook_normalized", "attn.hook_k", "attn_out", "mlp.hook_post"):
+        ref = _naive_positions(model, clean, corr, hook)
+        got = _sweep(model, clean, corr, hook, chunk_size=5)
+        full = _sweep(model, clean, corr, hook, reuse=False, chunk_size=5)
+        assert (got.values - ref).abs().max() <= 1e-5, hook
+        assert (full.values - ref).abs().max() <= 1e-5, hook
+        assert (got.values - full.values).abs().max() <= 1e-5, hook
+    assert _no_overrides(model)
+
+
+@pytest.mark.parametrize("hook", ["attn.hook_pattern", "attn.hook_attn_scores", "attn.hook_result", "attn.hook_q"])
+def test_head_sweeps_equal_the_naive_loop(hook, pair):
+    """Per-head patches of the queries, scores, pattern (materialised attention) and head results."""
+    m = _model("avg")
+    m.set_use_attn_result(True)
+    clean, corr = pair
+    L, H = m.cfg.n_layers, m.cfg.n_heads
+    names = [f"blocks.{l}.{hook}" for l in range(L)]
+    with torch.inference_mode():
+        _, cache = m.run_with_cache(clean, names_filter=names)
+    ref = torch.stack([torch.stack([_naive(m, corr, n, cache[n], head=h) for h in range(H)]) for n in names])
+    # one layer per sweep: the sweep's corrupted baseline caches the patched hook of every swept layer, and
+    # caching a pattern or scores materialises that layer's attention (float32 rounding of its own) in the
+    # residual stream the runs of the later layers start from; the naive run of layer l materialises layer l only
+    got = torch.stack([patch_heads_sweep(m, clean, corr, METRIC, hook=hook, layers=[l], progress=False,
+                                         chunk_size=1).values[0] for l in range(L)])
+    assert torch.equal(got, ref)
+    chunked = patch_heads_sweep(m, clean, corr, METRIC, hook=hook, progress=False)
+    assert (chunked.values - ref).abs().max() <= 1e-5
+
+
+def test_identifiability_metric_reading_the_patched_block(pair):
+    """A metric reading ``resid_post`` of the patched block itself (the hook fires after the reuse)."""
+    m = _model("token")
+    clean, corr = pair
+    metric = identifiability_metric(m, [1, 2], layer=0, kind="score")
+    with torch.inference_mode():
+        _, cache = m.run_with_cache(clean, names_filter=["blocks.0.hook_resid_pre"])
+        ref = []
+        for p in range(m.cfg.n_ctx):
+            got = {}
+
+            def patch(act, hook=None, p=p):
+                act = act.clone()
+                act[:, p] = cache["blocks.0.hook_resid_pre"][:, p]
+                return act
+
+            logits = m.run_with_hooks(corr, fwd_hooks=[("blocks.0.hook_resid_pre", patch),
+                                                       ("blocks.0.hook_resid_post", lambda a, hook=None: got.update(x=a))])
+            ref.append(metric(logits, got["x"]))
+    res = patch_positions_sweep(m, clean, corr, metric, layers=[0], progress=False, chunk_size=1)
+    assert torch.equal(res.values[0], torch.stack(ref))
+
+
+# ------------------------------------------------------------------ reuse happens, and only where exact
+class _CountProjections:
+    """Rows of the residual stream (batch x pos) each block's q/k/v projection ran on."""
+
+    def __init__(self, monkeypatch, m):
+        self.rows = {l: 0 for l in range(m.cfg.n_layers)}
+        self.layer_of = {id(b.attn): l for l, b in enumerate(m.blocks)}
+        real = Attention.project_qkv
+        counter = self
+
+        def project_qkv(attn, x, n_queries=None):
+            counter.rows[counter.layer_of[id(attn)]] += x.shape[0]
+            return real(attn, x, n_queries)
+
+        monkeypatch.setattr(Attention, "project_qkv", project_qkv)
+
+
+@pytest.mark.parametrize("hook,per_group", [("resid_pre", 2), ("attn.hook_v", 1), ("mlp.hook_post", 1),
+                                            ("ln1.hook_scale", None)])
+def test_the_patched_block_projects_once_per_group_not_once_per_run(monkeypatch, pair, hook, per_group):
+    """With reuse the patched block's projections run on the corrupted (and clean) batch once; per
+    run they would run on every run's batch. ``ln1.hook_scale`` of a pre-norm block falls back."""
+    m = _model("avg")
+    clean, corr = pair
+    B, P = clean.shape[0], m.cfg.n_ctx
+    count = _CountProjections(monkeypatch, m)
+    _sweep(m, clean, corr, hook, layers=[1], chunk_size=4)
+    baselines = 2 * B  # the clean and corrupted runs of the sweep's baselines
+    patched = per_group * B if per_group is not None else P * B
+    assert count.rows[1] == baselines + patched
+    count.rows[1] = 0
+    _sweep(m, clean, corr, hook, reuse=False, layers=[1], chunk_size=4)
+    assert count.rows[1] == baselines + P * B  # the engine without reuse: every run's batch
+    assert _no_overrides(m)
+
+
+def test_a_users_hook_in_the_patched_block_turns_reuse_off(pair):
+    """A hook the caller set on the patched block fires in every run, as in the naive loop."""
+    m = _model("avg")
+    clean, corr = pair
+    seen = []
+
+    def user(act, hook=None):
+        seen.append(act.shape[0])
+
+    ref = _sweep(m, clean, corr, "resid_pre", layers=[1], chunk_size=1)
+    with m.hooks(fwd_hooks=[("blocks.1.attn.hook_k", user)]):
+        got = _sweep(m, clean, corr, "resid_pre", layers=[1], chunk_size=1)
+    assert torch.equal(got.values, ref.values)
+    assert len(seen) == 2 + m.cfg.n_ctx  # the two baselines, then every run
+
+
+class _MeanZ:
+    """A metric reading ``attn.hook_z`` of block 1: the mean of the heads' outputs of each image."""
+
+    hook_name = "blocks.1.attn.hook_z"
+    __name__ = "mean_z"
+
+    def __call__(self, logits, z):
+        return z.mean((-1, -2, -3))
+
+
+def test_a_metric_reading_a_bypassed_hook_turns_reuse_off(pair):
+    """Patching ``resid_mid`` reuses the attention output, bypassing ``attn.hook_z``: a metric reading
+    it gets the full computation, and the value a naive run gives."""
+    m = _model("avg")
+    clean, corr = pair
+    metric = _MeanZ()
+    res = patch_positions_sweep(m, clean, corr, metric, hook="resid_mid", layers=[1], progress=False, chunk_size=1)
+    with torch.inference_mode():
+        _, cache = m.run_with_cache(clean, names_filter=["blocks.1.hook_resid_mid"])
+        _, corr_cache = m.run_with_cache(corr, names_filter=["blocks.1.attn.hook_z"])
+    # the patch comes after hook_z in the same block: the metric sees the corrupted run's z
+    assert torch.equal(res.values[0], metric(None, corr_cache["blocks.1.attn.hook_z"]).expand(m.cfg.n_ctx, -1))
+
+
+# ------------------------------------------------------------------ interruption and resume
+def test_an_interrupted_sweep_leaves_the_model_as_it_was(pair):
+    """A sweep stopped in the middle of a chunk (Ctrl-C) removes its overrides; the sweep run again
+    gives the uninterrupted values."""
+    m = _model("token")
+    clean, corr = pair
+    ref = patch_positions_sweep(m, clean, corr, METRIC, hook="attn_out", progress=False, chunk_size=3)
+    calls = []
+
+    def stops(logits):
+        calls.append(1)
+        if len(calls) == 4:  # the two baselines, then two chunks
+            raise KeyboardInterrupt
+        return METRIC(logits)
+
+    with pytest.raises(KeyboardInterrupt):
+        patch_positions_sweep(m, clean, corr, stops, hook="attn_out", progress=False, chunk_size=3)
+    assert _no_overrides(m)
+    again = patch_positions_sweep(m, clean, corr, METRIC, hook="attn_out", progress=False, chunk_size=3)
+    assert torch.equal(again.values, ref.values)
+
+
+def test_neuron_sweep_reuses_the_attention_and_equals_the_naive_loop(pair):
+    m = _model("avg")
+    clean, corr = pair
+    neurons = [0, 7, 191]
+    res = patch_neurons_sweep(m, clean, corr, METRIC, neurons=neurons, progress=False, chunk_size=1)
+    with torch.inference_mode():
+        _, cache = m.run_with_cache(clean, names_filter=lambda n: n.endswith("mlp.hook_post"))
+        for l in range(m.cfg.n_layers):
+            name = f"blocks.{l}.mlp.hook_post"
+            for j, n in enumerate(neurons):
+
+                def hook(act, hook=None, n=n):
+                    act = act.clone()
+                    act[:, :, n] = cache[name][:, :, n]
+                    return act
+
+                assert torch.equal(res.values[l, j], METRIC(m.run_with_hooks(corr, fwd_hooks=[(name, hook)])))
