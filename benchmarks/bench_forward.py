@@ -2,7 +2,7 @@
 
     python benchmarks/bench_forward.py                       # ViT-B/16 batch 8, then ViT-Ti/16 batch 32
     python benchmarks/bench_forward.py --model vit_base_patch16_224 --batch 8 [--reps 9] [--device cuda]
-    python benchmarks/bench_forward.py --prisma-python /path/to/prisma-venv/bin/python   # + the ViT-Prisma row
+    python benchmarks/bench_forward.py --peers --prisma-python /path/to/prisma-venv/bin/python  # + the peers' rows
 
 Random-initialised weights, float32 (``--dtype bfloat16`` on a GPU), ``torch.inference_mode``. The
 variants are timed with their repetitions interleaved in rotated order (timm, HookedViT forward,
@@ -24,14 +24,18 @@ them alike; the median of each is reported with the ratio against timm's forward
 * ``cache floor`` (``--floor``): allocating and writing fresh tensors of every shape the full cache
   holds, without any model: the cost of the cache's memory alone; a lower bound on
   ``run_with_cache - timm forward`` under the default allocator.
-* ``hf forward`` / ``bridge cache`` (when transformer-lens's ``TransformerBridge`` imports; in the
-  default run for the first model only): the equivalent Hugging Face ``ViTForImageClassification``
+* ``hf forward`` / ``bridge cache`` (with ``--peers``, when transformer-lens's ``TransformerBridge``
+  imports; for the first model only when no ``--model`` is given): the equivalent Hugging Face ``ViTForImageClassification``
   (random weights, eager attention) and TransformerBridge's ``run_with_cache`` over it.
 * ``prisma cache`` (same rule): ViT-Prisma's ``run_with_cache`` on its HookedViT of the same size,
   run by ``--prisma-python`` (an interpreter of an environment where ``vit_prisma`` imports: it pins
   an old plotly, so it gets its own; made e.g. with ``python -m venv prisma-venv && prisma-venv/bin/pip
   install vit-prisma``) in its own process, interleaved like the kept rows; without the option, only
   when ``vit_prisma`` imports here.
+
+The default run (no peers: 10 rounds, warm-up included, of 7 calls in two processes, on ViT-B/16 batch 8,
+then on ViT-Ti/16 batch 32) is sized for under 3 minutes on a quiet 2-core machine; ``--peers`` adds 3-4 ViT-B calls a
+round.
 
 Targets (issue 17, quiet machine): hooked forward and the residual-stream cache <= 1.03x timm; the
 full cache <= 1.10x on ViT-B/16 batch 8 and <= 1.20x on ViT-Ti/16 batch 32. A target counts as met
@@ -399,7 +403,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-peers", action="store_true", help="skip the TransformerBridge / ViT-Prisma columns")
+    p.add_argument("--peers", action="store_true",
+                   help="add the Hugging Face / TransformerBridge / ViT-Prisma rows (implied by --prisma-python)")
+    p.add_argument("--no-peers", action="store_true", help="no peer rows (the default; wins over --peers)")
     p.add_argument("--no-kept", action="store_true", help="skip the kept-memory rows (CPU only; their own process)")
     p.add_argument("--floor", action="store_true", help="add the cache floor row (the cache's memory without a model)")
     p.add_argument("--prisma-python", default=None, metavar="PATH",
@@ -415,9 +421,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs = [(m, args.batch) for m, _ in runs]
     ok = True
     for i, (name, batch) in enumerate(runs):
-        # the default run measures the peers on ViT-B only (under 3 minutes on a quiet 2-core machine);
-        # --model vit_tiny_patch16_224 --batch 32 gives them on ViT-Ti
-        ok &= bench_one(name, batch, args, peers=bool(args.model) or i == 0)
+        # the peers are measured on the first model only (--model vit_tiny_patch16_224 --batch 32 --peers
+        # gives them on ViT-Ti)
+        ok &= bench_one(name, batch, args, peers=(args.peers or bool(args.prisma_python)) and (bool(args.model) or i == 0))
     return 0 if ok else 1
 
 
