@@ -52,7 +52,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -224,9 +224,8 @@ class _Worker:
 
 
 def worker(role: str, name: str, batch: int, args) -> int:
-    """The other end of :class:`_Worker`: build the variants of ``role``, then answer commands."""
-    from vit_lens import HookedViT
-
+    """The other end of :class:`_Worker`: build the variants of ``role``, then answer commands (the
+    prisma role needs only torch, timm and vit_prisma)."""
     def say(msg: Dict[str, Any]) -> None:
         print(_MSG + json.dumps(msg), flush=True)
 
@@ -236,6 +235,7 @@ def worker(role: str, name: str, batch: int, args) -> int:
     note = ""
     if role == "kept":
         import vit_lens.perf
+        from vit_lens import HookedViT
 
         status = vit_lens.perf.keep_freed_memory()
         note = status.note
@@ -254,9 +254,12 @@ def worker(role: str, name: str, batch: int, args) -> int:
         if prisma is None:
             say({"skip": why})
             return 0
-        import vit_prisma
+        from importlib.metadata import PackageNotFoundError, version
 
-        note = f"ViT-Prisma {getattr(vit_prisma, '__version__', '')} in {sys.executable}".replace("  ", " ")
+        try:
+            note = f"ViT-Prisma {version('vit-prisma')} in {sys.executable}"
+        except PackageNotFoundError:
+            note = f"ViT-Prisma in {sys.executable}"
         variants = {"prisma cache": lambda: prisma.run_with_cache(x)[1]}
     else:
         say({"skip": f"unknown worker role {role!r}"})
