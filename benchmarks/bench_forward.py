@@ -1,6 +1,6 @@
 """Speed of HookedViT against timm, measured in the same run.
 
-    python benchmarks/bench_forward.py                       # ViT-B/16 batch 8, then ViT-Ti/16 batch 32
+    python benchmarks/bench_forward.py                       # ViT-B/16 batch 8, then ViT-Ti/16 batch 32 (fresh processes)
     python benchmarks/bench_forward.py --model vit_base_patch16_224 --batch 8 [--reps 9] [--device cuda]
     python benchmarks/bench_forward.py --peers --prisma-python /path/to/prisma-venv/bin/python  # + the peers' rows
 
@@ -422,11 +422,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     runs = [(args.model, args.batch or 8)] if args.model else list(DEFAULT_RUNS)
     if args.batch and not args.model:
         runs = [(m, args.batch) for m, _ in runs]
-    ok = True
-    for i, (name, batch) in enumerate(runs):
+    if len(runs) > 1:
+        # one fresh process per model: the allocator's state (what the previous model's caches left in the
+        # heap) would otherwise carry over and hide the page faults of the next model's first process;
         # the peers are measured on the first model only (--model vit_tiny_patch16_224 --batch 32 --peers
         # gives them on ViT-Ti)
-        ok &= bench_one(name, batch, args, peers=(args.peers or bool(args.prisma_python)) and (bool(args.model) or i == 0))
+        given = list(sys.argv[1:] if argv is None else argv)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        rc = 0
+        for i, (name, batch) in enumerate(runs):
+            cmd = [sys.executable, str(Path(__file__).resolve()), *given, "--model", name, "--batch", str(batch)]
+            r = subprocess.run(cmd + ([] if i == 0 else ["--no-peers"]), env=env)
+            rc = max(rc, r.returncode)
+        return rc
+    name, batch = runs[0]
+    ok = bench_one(name, batch, args, peers=args.peers or bool(args.prisma_python))
     return 0 if ok else 1
 
 
