@@ -117,6 +117,14 @@ def test_bench_forward_rows_and_columns():
     assert [r[:16].strip() for r in rows] == ["timm forward", "hooked forward", "run_with_cache"]
     assert rows[0].split()[-2:] == ["1.00x", "1.00x"]  # timm against itself
     assert "max |logit diff| vs timm 0.00e+00" in out
+    # the kept-memory rows come from their own process (the allocator setting is process-wide), on glibc
+    import vit_lens.perf
+
+    if vit_lens.perf.glibc_version() is not None:
+        table = lines[head + 1:next(i for i, l in enumerate(lines) if l.startswith("ratio ="))]
+        kept = [l[:16].strip() for l in table if l.startswith("kept: ")]
+        assert kept == ["kept: timm", "kept: cache", "kept: resid"], out
+        assert not vit_lens.perf.freed_memory_kept()  # this process's allocator is left alone
 
 
 def test_bench_knockout_and_identifiability_start():

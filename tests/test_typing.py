@@ -60,6 +60,7 @@ COVERED = [
     "vit_lens/runs",
     "vit_lens/results.py",
     "vit_lens/__main__.py",
+    "vit_lens/perf.py",
 ]
 
 USER_SCRIPT = '''\
