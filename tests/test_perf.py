@@ -114,3 +114,32 @@ def test_environment_variables_count_as_kept(monkeypatch):
     assert perf.freed_memory_kept()
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     assert not perf.freed_memory_kept()
+
+
+@pytest.mark.parametrize("env, kept", [(None, True), ("0", False)])
+def test_the_vit_lens_command_keeps_freed_memory_unless_told_not_to(env, kept):
+    """``vit-lens`` / ``python -m vit_lens`` run :func:`cli.main` in a process that keeps freed memory
+    (a command is one job: batch after batch reuses the pages); VIT_LENS_KEEP_FREED_MEMORY=0 turns it off."""
+    import subprocess
+    import sys
+
+    from vit_lens import perf
+
+    if perf.glibc_version() is None:
+        pytest.skip("not glibc: the switch is a no-op here")
+    code = ("import sys; from vit_lens import cli, perf\n"
+            "cli.main = lambda argv=None: print('kept', perf.freed_memory_kept()) or 0\n"
+            "sys.exit(cli.console_main())")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "VIT_LENS_KEEP_FREED_MEMORY"}
+    if env is not None:
+        e["VIT_LENS_KEEP_FREED_MEMORY"] = env
+    out = subprocess.run([sys.executable, "-c", code], env={**e, "PYTHONPATH": str(REPO)}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"kept {kept}"
+    # the console script and python -m vit_lens both go through console_main
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["vit-lens"] == "vit_lens.cli:console_main"
+    assert "sys.exit(console_main())" in (REPO / "vit_lens" / "__main__.py").read_text()

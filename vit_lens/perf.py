@@ -18,9 +18,9 @@ The same settings can be given before Python starts, for any script:
 
 Trade-off: the setting is process-wide and the process keeps the memory it freed (its resident size
 stays near its peak, e.g. the size of the largest cache it held) until :func:`release_freed_memory`
-or exit. That suits a dataset run or a benchmark loop (the next batch reuses the memory) and is the
-default of ``vit-lens run``; in a long-lived notebook that caches once and moves on, leave it off, or
-release after use. Blocks larger than glibc's maximum ``mmap`` threshold (32 MiB on 64-bit) are
+or exit. That suits a dataset run or a benchmark loop (the next batch reuses the memory); in a long-lived notebook that caches once and moves on, leave it off, or
+release after use. The ``vit-lens`` command turns it on (``VIT_LENS_KEEP_FREED_MEMORY=0`` turns
+it off there). Blocks larger than glibc's maximum ``mmap`` threshold (32 MiB on 64-bit) are
 still returned on free; none of a ViT-B/16 batch-8 cache's tensors is that large (the biggest,
 ``hook_attn_scores``, is 14.2 MiB), a batch of 32 has some.
 
