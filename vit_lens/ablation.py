@@ -66,6 +66,7 @@ from torch import Tensor
 
 from vit_lens.core import Box, box_grid_mask, head_mask, int_list, position_mask, progress_bar, resolve_layers, resolve_targets
 from vit_lens.core.errors import InputError, InputTypeError, OutOfRangeError
+from vit_lens.core.selection import FwdHooks  # the type of knockout_hooks' result
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: no import cycle at run time)
     from vit_lens.config import HookedViTConfig
@@ -93,8 +94,6 @@ KNOCKOUT_MODES = ("mask", "paper", "zero_edges")
 EDGE_SETS = ("none", "self_only", "no_cls", "cls_no_image", "within")
 PAPER_EDGE_SETS = ("none", "self_only", "no_cls")  # the edge sets mode="paper" has a definition for
 Heads = Union[None, int, Sequence[int], Mapping[int, Sequence[int]]]
-#: forward hooks as TransformerLens's ``run_with_hooks`` / ``hooks`` take them: [(hook name, hook fn), ...]
-FwdHooks = List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]]
 
 
 # =============================================================================================

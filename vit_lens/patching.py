@@ -60,6 +60,7 @@ from vit_lens.core import (
     resolve_layers,
     resolve_targets,
 )
+from vit_lens.core.selection import FwdHooks
 from vit_lens.core.targets import ClassList
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,7 +134,7 @@ class ClassMetric:
         return ClassMetric(self.kind, self.classes, self.other, model=model)
 
     def _targets(self, classes: Classes, batch: int, n_classes: int, device: Any) -> Tensor:
-        where = self.model if self.model is not None else ClassList(n_classes, name="these logits")
+        where: Any = self.model if self.model is not None else ClassList(n_classes, name="these logits")  # names and n_classes
         try:
             return resolve_targets(where, classes, batch, device=device)
         except UnknownNameError as e:
@@ -326,7 +327,7 @@ def patching_hooks(
     positions: Positions = None,
     heads: Union[None, int, Sequence[int], Tensor] = None,
     generator: Optional[torch.Generator] = None,
-) -> List[Tuple[str, Callable]]:
+) -> FwdHooks:
     """Hooks that replace activations, for ``model.run_with_hooks`` / ``model.hooks``.
 
     Args:
@@ -357,7 +358,7 @@ def patching_hooks(
             "model.run_with_cache(other_images) (or use value='zero')"
         )
     heads_sel = head_mask(model, heads)
-    hooks = []
+    hooks: FwdHooks = []
     for name in names:
         hook_name(model, name)
         layout = _layout(name)
@@ -503,6 +504,11 @@ class PatchingResult:
             out.corrupted = self.corrupted.mean(0, keepdim=True)
         return out
 
+    def _positions(self) -> Tensor:
+        if self.positions is None:
+            raise InputError("this result has no position index (it was not swept over positions)")
+        return self.positions
+
     def _axis(self, dim: str) -> int:
         if dim not in self.dims:
             raise InputError(f"no axis {dim!r}; axes are {self.dims}")
@@ -523,7 +529,7 @@ class PatchingResult:
         shape = list(v.shape)
         shape[i] = rows * cols
         out = torch.full(shape, float("nan"), dtype=v.dtype, device=v.device)
-        pos = self.positions.to(v.device)
+        pos = self._positions().to(v.device)
         keep = pos >= n_pre
         out.index_copy_(i, (pos[keep] - n_pre).long(), v.index_select(i, torch.nonzero(keep).reshape(-1)))
         out = out.reshape(*shape[:i], rows, cols, *shape[i + 1 :])
@@ -534,7 +540,7 @@ class PatchingResult:
         """The values at the swept prefix positions (along ``"pos"``) and their names."""
         i = self._axis("pos")
         v = self.normalized() if normalized else self.values
-        keep = self.positions < self.n_prefix_tokens
+        keep = self._positions() < self.n_prefix_tokens
         idx = torch.nonzero(keep).reshape(-1)
         names = [self.coords["pos"][int(j)] for j in idx]
         return v.index_select(i, idx), names
@@ -774,6 +780,7 @@ def _reuse_plan(model: Any, name: str, layer: Optional[int], x0: Tensor, src: Te
     if entry == "attn":
         out = block.attn(x0 if post else block.ln1(x0))
         return _Reuse(entry, layer, (out,), None, tuple(ln1 + attn))
+    clean_in: Optional[Tensor]
     if suffix == "ln1.hook_normalized":  # pre-norm: the attention's input itself
         corr_in, clean_in = tgt, src
     else:
@@ -814,7 +821,7 @@ def _reusing(model: Any, plan: Optional[_Reuse], n_runs: int, pos: Optional[Tens
     ``pos`` ``[n_runs, pos]`` (``"rows"``): where each run patches (None: everywhere). Enter it
     inside the sweep's hooks: a hook on a checked hook point (the metric's) turns reuse off."""
     attn = None if plan is None else model.blocks[plan.layer].attn
-    if (attn is None or any(hp.has_hooks() for hp in plan.checked)
+    if (plan is None or attn is None or any(hp.has_hooks() for hp in plan.checked)
             or "forward" in attn.__dict__ or "project_qkv" in attn.__dict__):  # someone else's override: leave it be
         yield
         return
@@ -986,7 +993,7 @@ def run_sweep(
                         out = torch.where(_mask, src.unsqueeze(0), a)
                     return out.reshape(act.shape)
 
-                hooks = [(g.hook, patch_hook)]
+                hooks: FwdHooks = [(g.hook, patch_hook)]
                 m_layer = None if mname is None else hook_layer(model, mname)
                 if mname is not None and (start is None or (m_layer is not None and m_layer >= start)):
 
@@ -1023,17 +1030,12 @@ def _runs_that_change(layout: str, diff: Tensor, g: PatchRuns) -> Tensor:
         return (sel & ph[None]).flatten(1).any(-1).cpu()
     if layout == "pos":
         d = diff.reshape(B, diff.shape[1], -1).any(-1).any(0)  # [P]
-        ph = None
-    elif layout == "pos_head":
-        d = diff.any(-1).any(0)  # [P, H]
-        ph = d
-        d = None
-    else:  # head_qk [B, H, Pq, Pk] -> [Pq, H]
-        ph = diff.any(-1).any(0).transpose(0, 1)
-        d = None
-    if ph is None:
         pos = g.positions if g.positions is not None else torch.ones(g.n_runs, d.shape[0], dtype=torch.bool)
         return (pos.to(d.device) & d[None]).any(-1).cpu()
+    if layout == "pos_head":
+        ph = diff.any(-1).any(0)  # [P, H]
+    else:  # head_qk [B, H, Pq, Pk] -> [Pq, H]
+        ph = diff.any(-1).any(0).transpose(0, 1)
     P, H = ph.shape
     pos = g.positions if g.positions is not None else torch.ones(g.n_runs, P, dtype=torch.bool)
     heads = g.heads if g.heads is not None else torch.ones(g.n_runs, H, dtype=torch.bool)
@@ -1153,7 +1155,8 @@ def patch_heads_sweep(
     """
     layers = resolve_layers(layers, model)
     H = model.cfg.n_heads
-    head_idx = torch.arange(H) if heads is None else torch.nonzero(head_mask(model, heads)).reshape(-1)
+    hm = head_mask(model, heads)
+    head_idx = torch.arange(H) if hm is None else torch.nonzero(hm).reshape(-1)
     K = head_idx.numel()
     head_masks = torch.zeros(K, H, dtype=torch.bool)
     head_masks[torch.arange(K), head_idx] = True

@@ -6,7 +6,7 @@ import difflib
 import numbers
 import operator
 import re
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Bool
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "BLOCK_HOOKS",
     "CacheLike",
+    "FwdHooks",
     "Layers",
     "cache_get",
     "cache_has",
@@ -37,6 +38,8 @@ Layers = Union[None, int, Iterable[int]]
 #: what the analyses read activations from: the ActivationCache of ``model.run_with_cache``, or its dict
 #: (``return_cache_object=False``); every read goes through :func:`cache_get`
 CacheLike = Union["ActivationCache", Dict[str, Tensor]]
+#: forward hooks as TransformerLens's ``run_with_hooks`` / ``hooks`` take them: [(hook name, hook fn), ...]
+FwdHooks = List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]]
 
 #: per-block residual-stream hooks, by short name
 BLOCK_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
