@@ -64,14 +64,14 @@ LIMITS: Dict[str, float] = {"tests": 45, "forward32": 28, "forward16": 28, "patc
 # lines of each step's output that go into the table (the last matching ones); default: the last line
 PICK: Dict[str, str] = {
     "tests": r"(passed|failed|skipped|error)",
-    "patching": r"(^\| batched|^identical results|^target)",
+    "patching": r"(^\| batched patch_positions_sweep|^K/V reuse|^identical results|^target)",
     "attribution": r"(attribution vs exact|agreement|target)",
     "run32": r"(throughput|images/s|^timm forward|^vit-lens run)",
     "run16": r"(throughput|images/s|^timm forward|^vit-lens run)",
     "memory": r"^(timm forward|hooked forward|run_with_cache|cache bf16|cache \[CLS\]|resid cache|stream mean|cache to cpu"
               r"|.*: failed)\s",
 }
-PICK_N = {"memory": 9}  # lines kept in the table (default 3)
+PICK_N = {"memory": 9, "patching": 4}  # lines kept in the table (default 3)
 
 
 def run_step(title: str, cmd: List[str], timeout: float) -> Tuple[int, float, str]:
