@@ -134,3 +134,14 @@ def load_script(path: Path, name: str):
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+#: weight-processing options, one at a time and all together (the parity tests run each)
+OPTION_SETS = {
+    "none": {},
+    "fold_ln": dict(fold_ln=True),
+    "center_writing_weights": dict(center_writing_weights=True),
+    "center_unembed": dict(center_unembed=True),
+    "fold_value_biases": dict(fold_value_biases=True),
+    "all": dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True),
+}

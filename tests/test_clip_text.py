@@ -23,17 +23,11 @@ from vit_lens import HookedViT  # noqa: E402
 from vit_lens.clip import DEFAULT_TEMPLATES, image_embedding, set_text_classes, text_class_embeddings, zero_shot_logits  # noqa: E402
 from vit_lens.core.errors import InputError, InputTypeError  # noqa: E402
 
+from conftest import OPTION_SETS  # noqa: E402
+
 TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=2)  # short prompts: 16 tokens
 VISION = dict(layers=2, width=32, head_width=8, patch_size=8, image_size=32)
 NAMES = ["tabby cat", "golden retriever", "sports car", "oak tree", "sailboat", "espresso"]
-OPTION_SETS = {
-    "none": {},
-    "fold_ln": dict(fold_ln=True),
-    "center_writing_weights": dict(center_writing_weights=True),
-    "center_unembed": dict(center_unembed=True),
-    "fold_value_biases": dict(fold_value_biases=True),
-    "all": dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True),
-}
 
 
 def perturb(model, seed=1, scale=0.05):

@@ -24,17 +24,9 @@ from vit_lens.loading import ProcessingError  # noqa: E402
 from vit_lens.loading.checkpoints import CheckpointMismatchError, CheckpointNotFoundError  # noqa: E402
 from vit_lens.loading.sources import open_clip as source  # noqa: E402
 
-from conftest import IMAGES  # noqa: E402
+from conftest import IMAGES, OPTION_SETS  # noqa: E402
 
 TOL = 1e-4
-OPTION_SETS = {
-    "none": {},
-    "fold_ln": dict(fold_ln=True),
-    "center_writing_weights": dict(center_writing_weights=True),
-    "center_unembed": dict(center_unembed=True),
-    "fold_value_biases": dict(fold_value_biases=True),
-    "all": dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True),
-}
 TEXT = dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=1)
 BASE = dict(layers=2, width=32, head_width=8, patch_size=8, image_size=32)
 #: small variants of every kind of OpenCLIP ViT tower the source converts

@@ -13,17 +13,9 @@ import torch
 from vit_lens import HookedViT
 from vit_lens.loading import FAMILIES, ProcessingError, UnsupportedModelError
 
-from conftest import make_timm
+from conftest import OPTION_SETS, make_timm
 
 TOL = 1e-4
-OPTION_SETS = {
-    "none": {},
-    "fold_ln": dict(fold_ln=True),
-    "center_writing_weights": dict(center_writing_weights=True),
-    "center_unembed": dict(center_unembed=True),
-    "fold_value_biases": dict(fold_value_biases=True),
-    "all": dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True),
-}
 FAMILY_BY_KEY = {f.key: f for f in FAMILIES}
 
 
