@@ -97,11 +97,12 @@ def test_not_glibc_is_a_noop_that_says_so(monkeypatch):
         (dict(trim_threshold=2**31), InputError),  # mallopt takes an int
         (dict(mmap_threshold=True), InputTypeError),
         (dict(trim_threshold=1.5), InputTypeError),
+        (dict(keep_large_blocks="yes"), InputTypeError),
     ],
 )
 def test_out_of_range_thresholds_are_refused_before_anything_is_set(monkeypatch, kwargs, err):
     monkeypatch.setattr(perf, "_libc", lambda: pytest.fail("checked after the C library was touched"))
-    with pytest.raises(err, match="threshold"):
+    with pytest.raises(err, match="threshold|keep_large_blocks"):
         perf.keep_freed_memory(**kwargs)
 
 
@@ -143,3 +144,49 @@ def test_the_vit_lens_command_keeps_freed_memory_unless_told_not_to(env, kept):
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["vit-lens"] == "vit_lens.cli:console_main"
     assert "sys.exit(console_main())" in (REPO / "vit_lens" / "__main__.py").read_text()
+
+
+LARGE_CHILD = textwrap.dedent(
+    """
+    import json, resource
+    import torch
+    import vit_lens.perf as perf
+
+    def faults_of_a_fresh_block(mib=64):  # one tensor above glibc's largest mmap threshold (32 MiB)
+        a = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = torch.empty(mib * 2**18).fill_(1.0)  # float32: 2**18 per MiB
+        f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - a
+        del t
+        return f
+
+    out = {}
+    for keep_large in (False, True):
+        status = perf.keep_freed_memory(keep_large_blocks=keep_large)
+        # the first blocks grow the heap: a freed block is a few bytes short of the next aligned
+        # (posix_memalign) request until freed neighbours have merged; measured here: 4-5 blocks
+        for _ in range(8):
+            faults_of_a_fresh_block()
+        out[str(keep_large)] = dict(applied=status.applied, large=status.large_blocks_kept, note=status.note,
+                                    faults=[faults_of_a_fresh_block() for _ in range(3)])
+    perf.keep_freed_memory(False)
+    print(json.dumps(out))
+    """
+)
+
+
+@glibc_only
+def test_blocks_above_the_largest_mmap_threshold_are_kept_too():
+    """A 64 MiB block is above what any mmap threshold can keep: it used to be unmapped on free and
+    faulted in again (16k pages) on every allocation; with keep_large_blocks (the default) it comes
+    from the heap and its pages are reused."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", LARGE_CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    pages = 64 * 2**20 // 4096
+    off, on = out["False"], out["True"]
+    assert off["applied"] and not off["large"] and on["applied"] and on["large"], out
+    assert "larger blocks from the heap too" in on["note"] and "larger blocks" not in off["note"]
+    assert min(off["faults"]) > 0.9 * pages, out  # mmap-ed: every page faulted in again
+    assert max(on["faults"]) < 0.02 * pages, out  # from the kept heap

@@ -14,15 +14,20 @@ memory comes from changes.
     vit_lens.perf.release_freed_memory()  # optional: hand the kept memory back to the OS
 
 The same settings can be given before Python starts, for any script:
-``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 python script.py``.
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_MMAP_MAX_=0 python script.py``.
 
 Trade-off: the setting is process-wide and the process keeps the memory it freed (its resident size
 stays near its peak, e.g. the size of the largest cache it held) until :func:`release_freed_memory`
 or exit. That suits a dataset run or a benchmark loop (the next batch reuses the memory); in a long-lived notebook that caches once and moves on, leave it off, or
 release after use. The ``vit-lens`` command turns it on (``VIT_LENS_KEEP_FREED_MEMORY=0`` turns
-it off there). Blocks larger than glibc's maximum ``mmap`` threshold (32 MiB on 64-bit) are
-still returned on free; none of a ViT-B/16 batch-8 cache's tensors is that large (the biggest,
-``hook_attn_scores``, is 14.2 MiB), a batch of 32 has some.
+it off there). Blocks larger than glibc's largest ``mmap`` threshold (32 MiB on 64-bit: e.g. the
+attention scores of ViT-B/16 from a batch of 24 up) are kept too: ``keep_freed_memory`` also sets
+``M_MMAP_MAX`` to 0, so the main thread's allocations of any size come from the heap
+(``keep_large_blocks=False`` leaves them to ``mmap``, returned on free). Allocations of other
+threads larger than their arena (64 MiB) still get their own ``mmap``: glibc falls back to it.
+Measured (glibc 2.36, a 64 MiB tensor allocated and freed in a loop): the first 4-5 allocations grow
+the heap (a freed block is a few bytes short of the next aligned request until freed neighbours
+merge), after which none faults; the process then holds about 4 such blocks beyond its peak.
 
 Only glibc (Linux) has these knobs: elsewhere (macOS, Windows, musl) the functions do nothing and
 say so in the returned :class:`AllocatorStatus` (``applied=False`` and a ``note``).
@@ -41,6 +46,9 @@ __all__ = ["AllocatorStatus", "glibc_version", "keep_freed_memory", "release_fre
 # glibc's <malloc.h> parameter numbers for mallopt()
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+#: glibc's default M_MMAP_MAX (DEFAULT_MMAP_MAX: at most this many blocks mmap-ed at once)
+_DEFAULT_MMAP_MAX = 65536
 #: glibc's largest accepted mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * sizeof(long))
 MMAP_THRESHOLD_MAX = 32 * 2**20
 #: glibc's defaults (before its dynamic adjustment): 128 KiB each
@@ -59,6 +67,8 @@ class AllocatorStatus:
         mmap_threshold / trim_threshold: the values set, in bytes (None when not applied; a trim
             threshold of None with ``applied=True``: never trim).
         note: a sentence for a log or a benchmark header.
+        large_blocks_kept: blocks above the mmap threshold come from the heap too (``M_MMAP_MAX``
+            0), so they are kept as well.
     """
 
     applied: bool
@@ -66,6 +76,7 @@ class AllocatorStatus:
     mmap_threshold: Optional[int]
     trim_threshold: Optional[int]
     note: str
+    large_blocks_kept: bool = False
 
 
 def _libc() -> Optional[ctypes.CDLL]:
@@ -105,14 +116,19 @@ def freed_memory_kept() -> bool:
 
 
 def keep_freed_memory(
-    enable: bool = True, *, mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: Optional[int] = None
+    enable: bool = True,
+    *,
+    mmap_threshold: int = MMAP_THRESHOLD_MAX,
+    trim_threshold: Optional[int] = None,
+    keep_large_blocks: bool = True,
 ) -> AllocatorStatus:
     """Keep freed memory in the process (glibc ``mallopt``), so repeated caches reuse it.
 
     Sets ``M_MMAP_THRESHOLD`` (blocks up to this size come from the heap rather than their own
     ``mmap``, which is unmapped on free) and ``M_TRIM_THRESHOLD`` (the free top of the heap is handed
-    back only above this size). Process-wide, for every thread; see the module docstring for the
-    trade-off (memory held by the process).
+    back only above this size) and, with ``keep_large_blocks``, ``M_MMAP_MAX`` to 0 (larger blocks
+    come from the heap too instead of their own ``mmap``). Process-wide, for every thread; see the
+    module docstring for the trade-off (memory held by the process).
 
     Args:
         enable: ``False`` sets glibc's default values back (128 KiB each). glibc's own dynamic
@@ -122,6 +138,8 @@ def keep_freed_memory(
         trim_threshold: bytes of free heap top kept before glibc trims it; None (default): never trim
             (glibc's ``-1``; :func:`release_freed_memory` still hands memory back). At most 2 GiB - 1
             (mallopt takes an int).
+        keep_large_blocks: also keep blocks larger than ``mmap_threshold`` (``M_MMAP_MAX`` 0: no
+            block gets its own ``mmap``); False leaves them to ``mmap`` (returned to the OS on free).
 
     Returns:
         :class:`AllocatorStatus`; ``applied=False`` (with a note) where the C library is not glibc.
@@ -136,6 +154,8 @@ def keep_freed_memory(
             continue
         if isinstance(v, bool) or not isinstance(v, int):
             raise InputTypeError(f"{what} must be an int number of bytes, got {v!r}")
+    if not isinstance(keep_large_blocks, bool):
+        raise InputTypeError(f"keep_large_blocks must be True or False, got {keep_large_blocks!r}")
     if not 0 < mmap_threshold <= MMAP_THRESHOLD_MAX:
         raise InputError(
             f"mmap_threshold must be in 1..{MMAP_THRESHOLD_MAX} bytes (glibc refuses larger values), got {mmap_threshold}"
@@ -156,17 +176,23 @@ def keep_freed_memory(
     trim_c = (-1 if trim_threshold is None else trim_threshold) if enable else _DEFAULT_THRESHOLD
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_v) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim_c) == 1
+    large = bool(enable and keep_large_blocks)
+    max_c = 0 if large else _DEFAULT_MMAP_MAX
+    ok = (libc.mallopt(_M_MMAP_THRESHOLD, mmap_v) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim_c) == 1
+          and libc.mallopt(_M_MMAP_MAX, max_c) == 1)
     if not ok:
         return AllocatorStatus(False, f"glibc {version}", None, None,
-                               f"freed memory: glibc {version} refused mallopt({mmap_v}, {trim_c}); nothing changed")
+                               f"freed memory: glibc {version} refused mallopt({mmap_v}, {trim_c}, {max_c}); "
+                               "the settings may be partly applied: call keep_freed_memory(False)")
     _state["kept"] = bool(enable)
     if enable:
         trim_s = "never trim" if trim_c == -1 else f"trim threshold {trim_c / 2**20:.0f} MiB"
-        note = f"freed memory kept in the process (glibc {version} mallopt: mmap threshold {mmap_v / 2**20:.0f} MiB, {trim_s})"
+        big = ", larger blocks from the heap too" if large else ""
+        note = (f"freed memory kept in the process (glibc {version} mallopt: mmap threshold "
+                f"{mmap_v / 2**20:.0f} MiB, {trim_s}{big})")
     else:
         note = f"glibc {version} thresholds set back to their defaults (128 KiB; dynamic adjustment off)"
-    return AllocatorStatus(True, f"glibc {version}", mmap_v, None if trim_c == -1 else trim_c, note)
+    return AllocatorStatus(True, f"glibc {version}", mmap_v, None if trim_c == -1 else trim_c, note, large)
 
 
 def release_freed_memory() -> bool:
