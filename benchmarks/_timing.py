@@ -4,7 +4,14 @@ the paired ratio against a reference measured in the same run.
 Every benchmark compares variants against a reference (timm's forward, a plain HookedViT forward,
 a naive loop) on a machine shared with other processes. Load from those processes drifts over
 seconds, so the variants are timed in turns -- repetition ``r`` runs every variant once, in an
-order rotated by ``r`` so that no variant always runs first -- and two ratios are reported:
+order that changes with ``r`` -- and two ratios are reported (below).
+
+The order within a repetition is balanced (:func:`round_order`, a Williams design): over ``n``
+repetitions (``2n`` for an odd number of variants) every variant runs first equally often and
+right after every other variant equally often, so a variant that leaves the machine in a state (a
+heap trimmed after a dropped cache, cold caches) slows all of the others alike instead of always
+the same one. A plain rotation keeps the cyclic order, so each variant would always follow the
+same neighbour.
 
 * ``ratio(name, ref)``: median time of ``name`` / median time of ``ref``;
 * ``paired(name, ref)``: median over repetitions of (``name``'s time / ``ref``'s time in the same
@@ -116,12 +123,48 @@ class Timings:
         ]
 
 
+def round_order(n: int, r: int, scheme: str = "balanced") -> List[int]:
+    """The order of ``n`` variants (indices) in repetition ``r``.
+
+    ``"balanced"``: a Williams design. Row 0 is ``0, 1, n-1, 2, n-2, ...``; row ``r`` adds ``r``
+    (mod ``n``) to it; for odd ``n`` rows ``n..2n-1`` are rows ``0..n-1`` reversed. Over one period
+    (``n`` rows, ``2n`` for odd ``n``) each variant is first equally often and each ordered pair
+    ``(a, b)`` is adjacent (``a`` right before ``b``) equally often: once per period for even ``n``,
+    twice for odd. ``"rotate"``: row ``r`` starts at variant ``r % n`` in the given cyclic order.
+    ``"fixed"``: the given order every time.
+    """
+    if n < 0 or r < 0:
+        raise ValueError(f"n and r must be >= 0, got n={n}, r={r}")
+    if n == 0:
+        return []
+    if scheme == "fixed":
+        return list(range(n))
+    if scheme == "rotate":
+        k = r % n
+        return list(range(k, n)) + list(range(k))
+    if scheme != "balanced":
+        raise ValueError(f"unknown order scheme {scheme!r}; use 'balanced', 'rotate' or 'fixed'")
+    base = [0]
+    lo, hi = 1, n - 1
+    while len(base) < n:
+        base.append(lo)
+        lo += 1
+        if len(base) < n:
+            base.append(hi)
+            hi -= 1
+    period = n if n % 2 == 0 else 2 * n
+    k = r % period
+    row = [(x + k % n) % n for x in base]
+    return row[::-1] if k >= n else row
+
+
 def interleaved(
     variants: Mapping[str, Callable[[], Any]],
     reps: int,
     warmup: int = 1,
     *,
     rotate: bool = True,
+    order: str = "balanced",
     device: Any = None,
     clock: Clock = time.perf_counter,
 ) -> Timings:
@@ -131,8 +174,11 @@ def interleaved(
         variants: name -> a zero-argument callable (its result is dropped before the next call).
         reps: timed repetitions of each variant.
         warmup: untimed rounds of every variant first.
-        rotate: repetition ``r`` starts at variant ``r % n`` (no variant always runs first);
-            ``False`` keeps the given order in every repetition.
+        rotate: vary the order between repetitions, by ``order``; ``False`` keeps the given order
+            in every repetition.
+        order: ``"balanced"`` (default: every variant runs right after every other equally
+            often) or ``"rotate"`` (repetition ``r`` starts at variant ``r % n``); see
+            :func:`round_order`.
         device: a CUDA device to synchronise around each call (``None``/CPU: no sync).
         clock: the timer (``time.perf_counter``; a fake one in tests).
 
@@ -147,8 +193,8 @@ def interleaved(
         for fn in variants.values():
             fn()
     for r in range(reps):
-        k = r % len(names) if rotate and names else 0
-        for name in names[k:] + names[:k]:
+        for i in round_order(len(names), r, order if rotate else "fixed"):
+            name = names[i]
             out, _ = t.timed(name, variants[name], device)
             del out
     return t

@@ -5,9 +5,10 @@
     python benchmarks/bench_forward.py --peers --prisma-python /path/to/prisma-venv/bin/python  # + the peers' rows
 
 Random-initialised weights, float32 (``--dtype bfloat16`` on a GPU), ``torch.inference_mode``. The
-variants are timed with their repetitions interleaved in rotated order (timm, HookedViT forward,
-run_with_cache, ...; see ``benchmarks/_timing.py``) so that load from other processes hits all of
-them alike; the median of each is reported with the ratio against timm's forward, then min / median
+variants are timed with their repetitions interleaved in a balanced order (timm, HookedViT forward,
+run_with_cache, ...; every variant runs right after every other equally often: see
+``benchmarks/_timing.py``) so that load from other processes, and the state one call leaves the
+heap in, hit all of them alike; the median of each is reported with the ratio against timm's forward, then min / median
 / max and the page faults of each variant. Rows (other scripts read the first three names):
 
 * ``timm forward``: the timm model (the reference).
@@ -22,8 +23,11 @@ them alike; the median of each is reported with the ratio against timm's forward
   forward with the same allocator setting (``kept: timm``'s own against ``timm forward``).
   ``--no-kept`` skips them.
 * ``cache floor`` (``--floor``): allocating and writing fresh tensors of every shape the full cache
-  holds, without any model: the cost of the cache's memory alone; a lower bound on
-  ``run_with_cache - timm forward`` under the default allocator.
+  holds, without any model: the cost of the cache's memory alone. ``kept: floor`` is the same in
+  the kept-memory process, where the pages are reused; the difference (printed as the ``fault
+  floor``) is what faulting fresh pages in costs, which ``run_with_cache`` pays on top of a forward
+  under the default allocator: ``1 + fault floor / timm forward`` is the lowest full-cache ratio the
+  default allocator allows.
 * ``hf forward`` / ``bridge cache`` (with ``--peers``, when transformer-lens's ``TransformerBridge``
   imports; for the first model only when no ``--model`` is given): the equivalent Hugging Face ``ViTForImageClassification``
   (random weights, eager attention) and TransformerBridge's ``run_with_cache`` over it.
@@ -34,8 +38,8 @@ them alike; the median of each is reported with the ratio against timm's forward
   when ``vit_prisma`` imports here.
 
 The default run (no peers: 10 rounds, warm-up included, of 7 calls in two processes, on ViT-B/16 batch 8,
-then on ViT-Ti/16 batch 32) is sized for under 3 minutes on a quiet 2-core machine; ``--peers`` adds 3-4 ViT-B calls a
-round.
+then on ViT-Ti/16 batch 32) takes about 4 minutes on a quiet 2-core machine; ``--floor`` adds 2 calls a
+round, ``--peers`` 3-4 ViT-B calls.
 
 Targets (issue 17, quiet machine): hooked forward and the residual-stream cache <= 1.03x timm; the
 full cache <= 1.10x on ViT-B/16 batch 8 and <= 1.20x on ViT-Ti/16 batch 32. A target counts as met
@@ -58,12 +62,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the peers' models are built from configs: never wait on the hub
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import Timings, interleaved, sync  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
+from _timing import Timings, interleaved, round_order, sync  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUNS = (("vit_base_patch16_224", 8), ("vit_tiny_patch16_224", 32))
 #: rows of the kept-memory process -> the row whose target they share
-KEPT_ROWS = {"kept: timm": None, "kept: cache": "run_with_cache", "kept: resid": "resid cache"}
+KEPT_ROWS = {"kept: timm": None, "kept: cache": "run_with_cache", "kept: resid": "resid cache", "kept: floor": None}
 _MSG = "@@bench_forward "  # protocol lines of a worker process (anything else it prints is passed to stderr)
 
 
@@ -141,6 +145,20 @@ def _build(name: str, batch: int, device, dtype):
     return ref, x
 
 
+def _cache_shapes(model, x) -> List[Any]:
+    """(shape, dtype) of every tensor a full cache of ``model`` on ``x`` owns (expanded views skipped)."""
+    cache = model.run_with_cache(x)[1]
+    return [(tuple(v.shape), v.dtype) for v in cache.values()
+            if v.untyped_storage().nbytes() >= v.numel() * v.element_size()]
+
+
+def _floor_of(shapes: List[Any], device) -> Callable[[], object]:
+    """Allocating and writing fresh tensors of the cache's shapes, without any model."""
+    def floor():
+        return [torch.empty(s, dtype=d, device=device).fill_(1.0) for s, d in shapes]
+    return floor
+
+
 def _counted(faults: Timings, n: str, fn: Callable[[], object], device) -> Callable[[], object]:
     def run():
         a = _minor_faults()
@@ -152,7 +170,7 @@ def _counted(faults: Timings, n: str, fn: Callable[[], object], device) -> Calla
 
 
 class _Local:
-    """This process's variants: one rotated round per repetition."""
+    """This process's variants: one round per repetition, in the balanced order."""
 
     def __init__(self, variants: Dict[str, Callable[[], object]], device):
         self.variants, self.device = variants, device
@@ -164,8 +182,8 @@ class _Local:
 
     def rep(self, r: int) -> None:
         names = list(self.calls)
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
+        for i in round_order(len(names), r):
+            n = names[i]
             out, _ = self.times.timed(n, self.calls[n], self.device)
             del out
 
@@ -175,12 +193,13 @@ class _Local:
 
 class _Worker:
     """Variants in another process (another allocator setting, another environment): it runs one
-    rotated round per repetition when told, so its repetitions interleave with this process's."""
+    round per repetition when told, so its repetitions interleave with this process's."""
 
     def __init__(self, role: str, python: str, name: str, batch: int, args):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         cmd = [python, str(Path(__file__).resolve()), "--worker", role, "--model", name, "--batch", str(batch),
                "--device", args.device, "--dtype", args.dtype, "--threads", str(torch.get_num_threads())]
+        cmd += ["--floor"] if args.floor else []
         self.role = role
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
         self.times, self.faults = Timings(), Timings()
@@ -249,6 +268,9 @@ def worker(role: str, name: str, batch: int, args) -> int:
             "kept: cache": lambda: model.run_with_cache(x)[1],
             "kept: resid": lambda: model.run_with_cache(x, names_filter=resid)[1],
         }
+        if args.floor:
+            with torch.inference_mode():
+                variants["kept: floor"] = _floor_of(_cache_shapes(model, x), device)
     elif role == "prisma":
         prisma, why = _prisma_twin(ref, device, dtype)
         if prisma is None:
@@ -300,19 +322,15 @@ def bench_one(name: str, batch: int, args, peers: bool = True) -> bool:
     with torch.inference_mode():
         # sanity: the thing we time is the thing we test
         diff = (ref(x) - model(x)).abs().max().item()
+        shapes = _cache_shapes(model, x)
         cache = model.run_with_cache(x)[1]
-        shapes = [(tuple(v.shape), v.dtype) for v in cache.values()
-                  if v.untyped_storage().nbytes() >= v.numel() * v.element_size()]  # not expanded views
         cache_bytes = sum(v.untyped_storage().nbytes() for v in
                           {v.untyped_storage().data_ptr(): v for v in cache.values()}.values())
         n_hooks = len(cache)
         del cache
 
-    def floor():
-        return [torch.empty(s, dtype=d, device=device).fill_(1.0) for s, d in shapes]
-
     if args.floor:
-        variants["cache floor"] = floor
+        variants["cache floor"] = _floor_of(shapes, device)
     notes: List[str] = []
     units: List[Any] = []
     if device.type == "cpu" and not args.no_kept:
@@ -343,9 +361,8 @@ def bench_one(name: str, batch: int, args, peers: bool = True) -> bool:
                 for u in live:
                     u.warmup()
             for r in range(args.reps):
-                k = r % len(live)
-                for u in live[k:] + live[:k]:  # the processes take turns, in rotated order
-                    u.rep(r)
+                for i in round_order(len(live), r):  # the processes take turns, in the balanced order
+                    live[i].rep(r)
     finally:
         for u in units:
             u.close()
@@ -391,6 +408,16 @@ def bench_one(name: str, batch: int, args, peers: bool = True) -> bool:
         print(f"{n:<16} {lo * 1e3:>8.1f} {med * 1e3:>10.1f} {hi * 1e3:>8.1f} {hi / lo:>7.2f}x "
               f"{faults.median(n):>11.0f}")
     print("faults/run = median minor page faults per call (new memory pages the call touched)")
+    if "cache floor" in times.times and "kept: floor" in times.times:
+        # the same allocations and writes with and without fresh pages: the difference is what faulting the
+        # cache's memory in costs by itself, which run_with_cache pays on top of a forward by default
+        fault_cost = times.median("cache floor") - times.median("kept: floor")
+        extra = fault_cost / times.median("timm forward")
+        goal_c = goal.get("run_with_cache")
+        print(f"fault floor: cache floor - kept: floor = {fault_cost * 1e3:.1f} ms = {extra:.2f} of a timm forward: "
+              f"run_with_cache cannot go below {1 + extra:.2f}x by default"
+              + ("" if goal_c is None else f" (target {goal_c:.2f}x: "
+                 + ("below the floor, reachable only with kept memory)" if 1 + extra > goal_c else "above the floor)")))
     missed = [r for r, m in met.items() if not m]
     print(("targets met (by default or with keep_freed_memory)" if not missed else
            "targets MISSED (by default and with keep_freed_memory): " + ", ".join(missed)) + "\n")

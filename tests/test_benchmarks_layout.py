@@ -68,6 +68,39 @@ def test_interleaved_rotates_skips_warmup_and_computes_the_statistics(timing):
     assert clock.calls == ["x", "y", "x", "y"]
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8])
+def test_balanced_order_puts_every_variant_after_every_other_equally_often(timing, n):
+    """The default order (a Williams design): counted over one period, each variant runs first
+    equally often and each ordered pair is adjacent equally often -- unlike a rotation, where a
+    variant always follows the same neighbour."""
+    period = n if n % 2 == 0 else 2 * n
+    rows = [timing.round_order(n, r) for r in range(period)]
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    assert [timing.round_order(n, r + period) for r in range(period)] == rows  # periodic
+    first = [row[0] for row in rows]
+    assert all(first.count(v) == period // n for v in range(n))
+    pairs = {}
+    for row in rows:
+        for a, b in zip(row, row[1:]):
+            pairs[(a, b)] = pairs.get((a, b), 0) + 1
+    if n > 1:
+        assert set(pairs) == {(a, b) for a in range(n) for b in range(n) if a != b}
+        assert set(pairs.values()) == {1 if n % 2 == 0 else 2}
+    if n > 2:  # a rotation always puts the same neighbour before each variant
+        rot = [timing.round_order(n, r, "rotate") for r in range(n)]
+        assert {(row[i - 1], row[i]) for row in rot for i in range(1, n)} == {(v, (v + 1) % n) for v in range(n)}
+    with pytest.raises(ValueError, match="order scheme"):
+        timing.round_order(3, 0, "random")
+
+
+def test_interleaved_uses_the_balanced_order(timing):
+    d = {k: [1.0] * 5 for k in "wxyz"}
+    clock = FakeClock(d)
+    timing.interleaved({k: clock.variant(k) for k in d}, reps=4, warmup=1, clock=clock)
+    rounds = [clock.calls[i:i + 4] for i in range(4, 20, 4)]
+    assert rounds == [["w", "x", "z", "y"], ["x", "y", "w", "z"], ["y", "z", "x", "w"], ["z", "w", "y", "x"]]
+
+
 def test_timings_records_pipeline_steps_and_refuses_bad_input(timing):
     clock = FakeClock({"s": [0.5, 0.25]})
     t = timing.Timings(["s"], clock=clock)
