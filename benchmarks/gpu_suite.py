@@ -82,8 +82,7 @@ DTYPES: Dict[str, str] = {"tests": "float32, float64, bfloat16", "forward32": "f
 PICK: Dict[str, str] = {
     "tests": r"(passed|failed|skipped|error)",
     "patching": r"(^\| batched patch_positions_sweep|^K/V reuse|^identical results|^target)",
-    "patching16": r"(^\| batched patch_positions_sweep|^K/V reuse|^identical results|^deviation from float32|^note:"
-                  r"|^target)",
+    "patching16": r"(^\| batched patch_positions_sweep|^identical results|^deviation from float32|^note:|^target)",
     "attribution": r"(attribution vs exact|agreement|target)",
     "attribution16": r"(attribution vs exact|^naive runs vs the exact|^deviation from float32|agreement|target)",
     "run32": r"(throughput|images/s|^timm forward|^vit-lens run)",
@@ -91,7 +90,7 @@ PICK: Dict[str, str] = {
     "memory": r"^(timm forward|hooked forward|run_with_cache|cache bf16|cache \[CLS\]|resid cache|stream mean|cache to cpu"
               r"|.*: failed)\s",
 }
-PICK_N = {"memory": 9, "patching": 4, "patching16": 6, "attribution16": 5}  # lines kept in the table (default 3)
+PICK_N = {"memory": 9, "patching": 4, "patching16": 5, "attribution16": 5}  # lines kept in the table (default 3)
 
 
 def run_step(title: str, cmd: List[str], timeout: float) -> Tuple[int, float, str]:
@@ -143,7 +142,7 @@ def steps(py: str, dev: str, quick: bool) -> List[Tuple[str, str, List[str]]]:
     if quick:
         fwd = ["--model", "test_vit", "--batch", "2", "--reps", "2", "--no-peers"]
         pat = ["--model", "test_vit", "--naive-runs", "2"]
-        att = ["--models", "test_vit", "--reps", "1", "--naive-runs", "2", "--exact-layers", "2"]
+        att = ["--models", "test_vit", "--reps", "1", "--naive-runs", "6", "--exact-layers", "2"]
         run = ["--model", "test_vit", "--batch", "4", "--images", "8", "--workers", "0", "--reps", "1"]
         mem = ["--model", "test_vit", "--batch", "2", "--variants", "timm forward,run_with_cache,stream mean"]
     else:
