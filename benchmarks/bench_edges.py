@@ -30,6 +30,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import SHARED, WEIGHTS, add_common_args, setup  # noqa: E402  (benchmarks/_common.py: the shared flags)
 
 CKPT = {"vit": ("vit_tiny_patch16_224", "vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
         "deit": ("deit_tiny_patch16_224", "deit_tiny_patch16_224.fb_in1k")}
@@ -64,25 +66,22 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--sample", type=int, default=0, help="exact-patch this many random edges (0: all)")
     p.add_argument("--ig", type=int, default=5, help="EAP-IG steps (0: skip)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    add_common_args(p, device="cpu", threads=2)
     p.add_argument("--ks", default="50,100,200,400,800,1600,2845")
     p.add_argument("--save", default="", help="torch.save the attribution, EAP-IG and exact results here")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    setup(args, p)
 
     from vit_lens import HookedViT
     from vit_lens.edges import edge_attribution, edge_graph, faithfulness_curve, patch_edges
     from vit_lens.patching import logit_diff_metric
 
-    shared = REPO.parent / "shared"
-    weights = Path(os.environ.get("VIT_LENS_CHECKPOINTS", shared / "weights"))
     arch, tag = CKPT[args.model]
-    model = HookedViT.from_pretrained(arch, checkpoint_path=weights / f"{tag}.safetensors", device=args.device)
-    with open(shared / "images" / "labels.csv", newline="") as f:
+    model = HookedViT.from_pretrained(arch, checkpoint_path=WEIGHTS / f"{tag}.safetensors", device=args.device)
+    with open(SHARED / "images" / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     n = args.pairs
-    paths = [str(shared / "images" / r["path"]) for r in rows[: n + 1]]
+    paths = [str(SHARED / "images" / r["path"]) for r in rows[: n + 1]]
     labels = [int(r["class_index"]) for r in rows[: n + 1]]
     images = model.preprocess(paths)
     clean, corrupted = images[:n], images[1: n + 1]

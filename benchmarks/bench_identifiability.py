@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, random_timm, setup  # noqa: E402  (benchmarks/_common.py: the shared flags)
 from _timing import Timings  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 TARGET = 2.0
 
 
 def main(argv=None) -> int:
-    import timm
-
     from vit_lens import HookedViT
     from vit_lens import class_space as cs
 
@@ -41,14 +40,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of each variant")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_common_args(p, device=False, threads=None)
     p.add_argument("--mode", choices=("paper", "dla"), default="paper")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup(args, p)
 
-    torch.manual_seed(0)
-    tm = timm.create_model(args.model, pretrained=False).eval()
+    tm = random_timm(args.model, seed=0)
     model = HookedViT.from_timm(tm)
     cfg = model.cfg
     x = torch.randn(args.batch, cfg.in_chans, *cfg.image_size)

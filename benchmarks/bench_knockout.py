@@ -31,14 +31,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, random_timm, setup  # noqa: E402  (benchmarks/_common.py: the shared flags)
 from _timing import interleaved  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 TARGET = 1.3
 
 
 def main(argv=None) -> int:
-    import timm
-
     from vit_lens import HookedViT
     from vit_lens.ablation import attention_knockout, context_ablation
 
@@ -47,12 +46,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
+    add_common_args(p, device=False, threads=2)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    setup(args, p)
 
-    torch.manual_seed(0)
-    ref = timm.create_model(args.model, pretrained=False).eval()
+    ref = random_timm(args.model, seed=0)
     model = HookedViT.from_timm(ref)
     x = torch.randn(args.batch, model.cfg.in_chans, *model.cfg.image_size)
     half = torch.zeros(model.cfg.grid_size, dtype=torch.bool)

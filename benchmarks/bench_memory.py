@@ -28,6 +28,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, random_timm, setup  # noqa: E402  (benchmarks/_common.py: the shared flags)
+
 VARIANTS = ("timm forward", "hooked forward", "run_with_cache", "cache bf16", "cache [CLS]", "resid cache", "stream mean")
 
 
@@ -41,14 +44,12 @@ def _status(field: str) -> int:
 
 
 def child(variant: str, model_name: str, batch: int, device: str) -> dict:
-    import timm
     import torch
 
     from vit_lens import HookedViT
 
-    torch.manual_seed(0)
     dev = torch.device(device)
-    ref = timm.create_model(model_name, pretrained=False).eval().to(dev)
+    ref = random_timm(model_name, seed=0).to(dev)
     model = HookedViT.from_timm(ref)
     x = torch.randn(batch, 3, *model.cfg.image_size, device=dev)
     resid = [n for n in model.hook_dict if ".hook_resid_" in n]
@@ -87,10 +88,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    add_common_args(p, device="cpu", threads=False)
     p.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    setup(args, p)  # a CUDA device that is not there is refused here, not once per variant
     if args.child:
         print(json.dumps(child(args.child, args.model, args.batch, args.device)))
         return 0

@@ -1,10 +1,11 @@
 """Batched layer x position patching sweep vs a naive one-run-per-patch loop, in one run.
 
     python benchmarks/bench_patching.py [--model vit_base_patch16_224] [--naive-runs 48] [--threads 2]
-                                        [--device cpu|cuda]
+                                        [--device cpu|cuda] [--dtype float32|bfloat16|float16]
 
 Setup: a random-initialised timm model (the hub is unreachable; speed does not depend on the
-weights) converted to a HookedViT, float32, CPU, ``torch.inference_mode``. One clean/corrupted
+weights) converted to a HookedViT, float32 (``--dtype``: the model and the images in that
+precision, the naive loop too), CPU, ``torch.inference_mode``. One clean/corrupted
 pair (batch 1): two different photos (``../shared/images/photos`` when present, else random
 images). Metric: the logit of the clean image's top class. The full sweep patches
 ``blocks.{l}.hook_resid_pre`` at every layer and every position (12 x 197 = 2364 runs on ViT-B/16).
@@ -33,7 +34,12 @@ batch-1 forward already keeps the cores busy. Starting at the patched layer and 
 [CLS] in the last block leave about 2.1x fewer FLOPs on ViT-B/16; the rest of any larger
 speed-up must come from batching runs that a device cannot fill one at a time (a GPU).
 
-Target (issue 5): batched >= 4x faster than naive, identical results.
+Target (issue 5): batched >= 4x faster than naive, identical results: in float32 within 1e-4 of
+the clean-corrupted gap (normalised). In bfloat16 / float16 the batched sweep and the naive loop
+(both in that dtype) differ by rounding, so they must agree within ``_common.tolerance``: 4 x
+eps(dtype) x the largest |metric| (bfloat16: 3% of it; see that function for why). A lower
+precision also gets the sweep on a float32 copy of the same model (untimed) and prints the largest
+deviation from it: how much the dtype itself changes the answer, weights rounded included.
 """
 
 from __future__ import annotations
@@ -47,20 +53,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, photo_pair, random_timm, setup, tolerance, where  # noqa: E402
 from _timing import Timings  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 TARGET = 4.0
-
-
-def _pair(model):
-    photos = SHARED / "images" / "photos"
-    a, b = photos / "chelsea.png", photos / "coffee.png"
-    if a.exists() and b.exists():
-        return model.preprocess([str(a)]), model.preprocess([str(b)]), "photos chelsea.png / coffee.png"
-    g = torch.Generator().manual_seed(1)
-    shape = (1, model.cfg.in_chans, *model.cfg.image_size)
-    return torch.randn(shape, generator=g), torch.randn(shape, generator=g), "random images"
 
 
 def matmul_flops(cfg, n_pos: int) -> dict:
@@ -89,8 +85,21 @@ def flop_ratio(cfg, n_pos: int) -> float:
     return naive / batched
 
 
+def float32_sweep(ref32, clean, corrupted, metric, layers, memory_mb: float):
+    """The exact sweep of ``layers`` (one call per layer, as timed) on the float32 model ``ref32`` and the
+    float32 images ``clean`` / ``corrupted`` ``[1, C, H, W]``: (values ``[layer, pos, batch]``, float32 on
+    the CPU; |clean - corrupted| of the metric in float32)."""
+    from vit_lens.patching import patch_positions_sweep
+
+    rows, gap = [], float("nan")
+    for l in layers:
+        r = patch_positions_sweep(ref32, clean, corrupted, metric, layers=[l], memory_mb=memory_mb, progress=False)
+        rows.append(r.values[0].float().cpu())
+        gap = abs(float(r.clean[0]) - float(r.corrupted[0]))
+    return torch.stack(rows), gap
+
+
 def main(argv=None) -> int:
-    import timm
     from tqdm.auto import tqdm
 
     from vit_lens import HookedViT
@@ -102,27 +111,26 @@ def main(argv=None) -> int:
     p.add_argument("--naive-runs", type=int, default=48,
                    help="naive runs timed (random subset, the same number per layer); 0 times all of them")
     p.add_argument("--memory-mb", type=float, default=512, help="memory budget of one batched chunk")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_common_args(p, device="cpu", threads=2, seed=0, dtype="float32", device_help="cpu (default) or cuda")
     p.add_argument("--layers", default=None,
                    help="comma-separated layers to sweep (default all), for a shorter run; totals then cover those only")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available here")
+    device, dtype = setup(args, p)
 
-    torch.manual_seed(args.seed)
-    model = HookedViT.from_timm(timm.create_model(args.model, pretrained=False).eval(), device=device)
-    clean, corrupted, what = _pair(model)
-    clean, corrupted = clean.to(device), corrupted.to(device)
+    tm = random_timm(args.model, seed=args.seed)
+    model = HookedViT.from_timm(tm, device=device, dtype=dtype)
+    # a lower precision is also compared with the same model in float32 (untimed)
+    ref32 = HookedViT.from_timm(tm, device=device) if dtype != torch.float32 else None
+    del tm
+    clean32, corrupted32, names = photo_pair(model if ref32 is None else ref32, device)  # float32 (the float32 reference sweeps these)
+    clean, corrupted = clean32.to(dtype), corrupted32.to(dtype)
+    what = f"photos {names[0]} / {names[1]}" if names else "random images"
     with torch.inference_mode():
         target = int(model(clean).argmax(-1))
     metric = logit_metric(target)
     L, P = model.cfg.n_layers, model.cfg.n_ctx
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.model}: {L} layers x {P} positions = {L * P} patched runs; pair: {what}; {where}")
+    print(f"{args.model}: {L} layers x {P} positions = {L * P} patched runs; pair: {what}; {where(device)}; "
+          f"dtype {args.dtype}")
 
     with torch.inference_mode():
         _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
@@ -208,9 +216,26 @@ def main(argv=None) -> int:
     print(f"matmul FLOPs, naive loop / batched sweep: {flop_ratio(model.cfg, P):.2f}x (the most an exact "
           f"batched sweep gains where a batch-1 forward is already compute-bound)")
     speedup = naive_total / batched_s
-    ok = speedup >= TARGET and max(ndiffs) <= 1e-4
-    print(f"target >= {TARGET}x and identical results (normalised diff <= 1e-4): {'MET' if ok else 'NOT MET'} "
-          f"({speedup:.2f}x)")
+    if ref32 is None:
+        ok = speedup >= TARGET and max(ndiffs) <= 1e-4
+        print(f"target >= {TARGET}x and identical results (normalised diff <= 1e-4): {'MET' if ok else 'NOT MET'} "
+              f"({speedup:.2f}x)")
+        return 0
+    # a lower precision: the naive loop in the same dtype within rounding, and the deviation from float32
+    scale = max([abs(float(clean_m)), abs(float(corr_m))] + [abs(v) for v in naive_vals.values()])
+    tol = tolerance(dtype, scale)
+    gap = abs(float(clean_m) - float(corr_m))
+    ref_values, ref_gap = float32_sweep(ref32, clean32, corrupted32, metric, layers, args.memory_mb)
+    dev32 = float((res_values.float().cpu() - ref_values).abs().max())
+    print(f"deviation from float32 (the same sweep on the float32 model, untimed): max |metric diff| = {dev32:.2e} "
+          f"= {dev32 / max(scale, 1e-30):.2e} of the largest |metric|; normalised by the float32 gap {ref_gap:.4f}: "
+          f"{dev32 / max(ref_gap, 1e-30):.2e}")
+    if gap <= tol:
+        print(f"note: the clean-corrupted gap ({gap:.4f}) is within {args.dtype} rounding (tolerance {tol:.2e}): "
+              f"in {args.dtype} this check cannot tell a right patch from a wrong one on this pair")
+    ok = speedup >= TARGET and max(diffs) <= tol
+    print(f"target >= {TARGET}x and the naive loop matched within {args.dtype} rounding (max |metric diff| "
+          f"{max(diffs):.2e} <= 4 eps x largest |metric| = {tol:.2e}): {'MET' if ok else 'NOT MET'} ({speedup:.2f}x)")
     return 0
 
 

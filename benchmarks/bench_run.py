@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, random_timm, setup  # noqa: E402  (benchmarks/_common.py: the shared flags)
 from _timing import interleaved  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 TARGET = 0.8
@@ -52,8 +53,6 @@ def _write_images(folder: Path, n: int) -> None:
 
 
 def main(argv=None) -> int:
-    import timm
-
     from vit_lens import HookedViT
     from vit_lens.runs import open_source, run
     from vit_lens.runs.sources import ImageItems, collate
@@ -65,17 +64,13 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (both variants)")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions of each variant")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--preprocess", choices=("timm", "paper"), default="timm")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: both variants run there")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_common_args(p, device="cpu", threads=None, dtype="float32",
+                    device_help="cpu (default) or cuda: both variants run there")
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, dtype = setup(args, p)
 
-    torch.manual_seed(0)
-    tm = timm.create_model(args.model, pretrained=False).eval().to(device=device, dtype=dtype)
+    tm = random_timm(args.model, seed=0).to(device=device, dtype=dtype)
     model = HookedViT.from_timm(tm)
     tmp = Path(tempfile.mkdtemp(prefix="bench_run_"))
     try:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-SHARED = Path(os.environ.get("VIT_LENS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-WEIGHTS = Path(os.environ.get("VIT_LENS_CHECKPOINTS", SHARED / "weights"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED, WEIGHTS  # noqa: E402  (benchmarks/_common.py: where ../shared and the weights are)
 
 
 def main(argv=None) -> int:

@@ -13,9 +13,13 @@ Steps (``--only`` takes their short names):
   the GPU model against the same model on the CPU.
 * ``forward32`` / ``forward16``: ``bench_forward.py`` in float32 / bfloat16 (ViT-B/16 batch 8 and
   ViT-Ti/16 batch 32; no peer columns: the device has no ViT-Prisma).
-* ``patching``: ``bench_patching.py`` -- the exact batched sweep vs the naive loop (ViT-B/16).
-* ``attribution``: ``bench_attribution.py`` -- ``method="attribution"`` vs the exact sweep vs the
-  naive loop, and their agreement (ViT-B/16).
+* ``patching`` / ``patching16``: ``bench_patching.py`` in float32 / bfloat16 -- the exact batched
+  sweep vs the naive loop (ViT-B/16); in bfloat16 both run in bfloat16 and must agree within
+  bfloat16 rounding (4 eps x the largest |metric|), and the sweep is also run, untimed, on a float32
+  twin of the model to print how far bfloat16 moves the values.
+* ``attribution`` / ``attribution16``: ``bench_attribution.py`` in float32 / bfloat16 --
+  ``method="attribution"`` vs the exact sweep vs the naive loop, their agreement, the exact sweep
+  against the naive runs in its layers (ViT-B/16); in bfloat16 also the deviation from float32.
 * ``run32`` / ``run16``: ``bench_run.py`` -- images/s of the real ``vit-lens run identifiability``
   engine (DataLoader, cached forward, rows, Parquet shards, manifest) against a timm forward over the
   same loader, float32 / bfloat16 (ViT-B/16, batch 64, 256 random JPEGs, 8 workers).
@@ -35,10 +39,19 @@ on a CPU: 20-40 s per process on the shared 2-core machine at load 8, of which i
 27-40 s there and ~4-6 s on a quiet 16-core machine (torch alone: 8 s vs ~2 s). The arithmetic is
 small on an H200 (~60 TFLOP/s float32 without TF32, ~790 bfloat16): the largest is the exact
 patching sweep of ViT-B/16, 12 x 197 runs of 17.6 GFLOP / 2.13 (runs start at the patched layer)
-~ 20 TFLOP ~ 0.5 s at peak, a few seconds in practice; bench_forward does 2 models x 5 variants x 10
-calls of <= 0.2 TFLOP; the run steps 6 passes over 256 images (~5 TFLOP) plus JPEG decoding on 8
-workers and a sha256 of the weights per run (~1 s). So a step should take 10-25 s, bench_memory
-(one process per variant, 8 of them) ~45 s; the caps leave 1.5-2x room.
+~ 20 TFLOP ~ 0.5 s at peak, a few seconds in practice, run twice (with and without the K/V reuse);
+bench_forward does 2 models x 5 variants x 10 calls of <= 0.2 TFLOP; the run steps 6 passes over
+256 images (~5 TFLOP) plus JPEG decoding on 8 workers and a sha256 of the weights per run (~1 s).
+The bfloat16 patching and attribution steps do the same work in bfloat16 (~13x the float32 peak,
+but batch-1 naive runs are launch-bound either way) plus the untimed float32 twin: a second model
+conversion (~1 s) and one more float32 sweep (the patching step: ~20 TFLOP, as much as one of the
+float32 step's two sweeps; the attribution step: 3 exact layers and one attribution pass), so they
+get 2 s more than their float32 steps. So a step should take 10-18 s and the caps leave 1.3-2x
+room: tests 45, bench_forward 23 each, patching and attribution 20 each in float32 and 22 in
+bfloat16, run 25 each. bench_memory (one process per variant, 8 of them) should take ~45 s: its own
+cap is 45 s, and as the last step it also gets what the earlier ones left unused (~50-100 s by the
+estimates above). Before the bfloat16 patching and attribution steps the caps were 45, 28 x 4,
+32 x 2 and 49: the two new steps took their 44 s from the 1.5-2x room of the others.
 ``--quick`` (timm's tiny ``test_vit``, few repetitions) is a dry run of the whole pipeline, e.g.
 ``--device cpu --quick --slack 3`` on a loaded CPU.
 """
@@ -59,19 +72,25 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 BUDGET_S = 270  # the steps: with the wheel install and import check under 5 minutes, so a rerun fits into 15
 # per-step caps in seconds (sum = BUDGET_S); see the module docs for how they were estimated
-LIMITS: Dict[str, float] = {"tests": 45, "forward32": 28, "forward16": 28, "patching": 28, "attribution": 28,
-                            "run32": 32, "run16": 32, "memory": 49}
+LIMITS: Dict[str, float] = {"tests": 45, "forward32": 23, "forward16": 23, "patching": 20, "patching16": 22,
+                            "attribution": 20, "attribution16": 22, "run32": 25, "run16": 25, "memory": 45}
+# the precision each step runs in (a column of the table)
+DTYPES: Dict[str, str] = {"tests": "float32, float64, bfloat16", "forward32": "float32", "forward16": "bfloat16",
+                          "patching": "float32", "patching16": "bfloat16", "attribution": "float32",
+                          "attribution16": "bfloat16", "run32": "float32", "run16": "bfloat16", "memory": "float32"}
 # lines of each step's output that go into the table (the last matching ones); default: the last line
 PICK: Dict[str, str] = {
     "tests": r"(passed|failed|skipped|error)",
     "patching": r"(^\| batched patch_positions_sweep|^K/V reuse|^identical results|^target)",
+    "patching16": r"(^\| batched patch_positions_sweep|^identical results|^deviation from float32|^note:|^target)",
     "attribution": r"(attribution vs exact|agreement|target)",
+    "attribution16": r"(attribution vs exact|^naive runs vs the exact|^deviation from float32|agreement|target)",
     "run32": r"(throughput|images/s|^timm forward|^vit-lens run)",
     "run16": r"(throughput|images/s|^timm forward|^vit-lens run)",
     "memory": r"^(timm forward|hooked forward|run_with_cache|cache bf16|cache \[CLS\]|resid cache|stream mean|cache to cpu"
               r"|.*: failed)\s",
 }
-PICK_N = {"memory": 9, "patching": 4}  # lines kept in the table (default 3)
+PICK_N = {"memory": 9, "patching": 4, "patching16": 5, "attribution16": 5}  # lines kept in the table (default 3)
 
 
 def run_step(title: str, cmd: List[str], timeout: float) -> Tuple[int, float, str]:
@@ -123,7 +142,7 @@ def steps(py: str, dev: str, quick: bool) -> List[Tuple[str, str, List[str]]]:
     if quick:
         fwd = ["--model", "test_vit", "--batch", "2", "--reps", "2", "--no-peers"]
         pat = ["--model", "test_vit", "--naive-runs", "2"]
-        att = ["--models", "test_vit", "--reps", "1", "--naive-runs", "2", "--exact-layers", "2"]
+        att = ["--models", "test_vit", "--reps", "1", "--naive-runs", "6", "--exact-layers", "2"]
         run = ["--model", "test_vit", "--batch", "4", "--images", "8", "--workers", "0", "--reps", "1"]
         mem = ["--model", "test_vit", "--batch", "2", "--variants", "timm forward,run_with_cache,stream mean"]
     else:
@@ -137,10 +156,12 @@ def steps(py: str, dev: str, quick: bool) -> List[Tuple[str, str, List[str]]]:
             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_gpu.py"])]
     for short, dtype in (("forward32", "float32"), ("forward16", "bfloat16")):
         out.append((short, f"bench_forward {dtype}", [py, f"{b}/bench_forward.py", "--device", dev, "--dtype", dtype, *fwd]))
-    out.append(("patching", "bench_patching float32 (exact sweep vs naive loop)",
-                [py, f"{b}/bench_patching.py", "--device", dev, *pat]))
-    out.append(("attribution", "bench_attribution float32 (attribution vs exact vs naive)",
-                [py, f"{b}/bench_attribution.py", "--device", dev, *att]))
+    for short, dtype in (("patching", "float32"), ("patching16", "bfloat16")):
+        out.append((short, f"bench_patching {dtype} (exact sweep vs naive loop)",
+                    [py, f"{b}/bench_patching.py", "--device", dev, "--dtype", dtype, *pat]))
+    for short, dtype in (("attribution", "float32"), ("attribution16", "bfloat16")):
+        out.append((short, f"bench_attribution {dtype} (attribution vs exact vs naive)",
+                    [py, f"{b}/bench_attribution.py", "--device", dev, "--dtype", dtype, *att]))
     for short, dtype in (("run32", "float32"), ("run16", "bfloat16")):
         out.append((short, f"dataset run (vit-lens run identifiability) {dtype}",
                     [py, f"{b}/bench_run.py", "--device", dev, "--dtype", dtype, *run]))
@@ -198,13 +219,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines = [f"# GPU suite: {where}", "",
              f"torch {torch.__version__}, Python {platform.python_version()}, {'quick' if quick else 'full'} mode, "
              f"{time.perf_counter() - t0:.0f} s in all (budget {budget:.0f} s); load average {load}; {preflight}", "",
-             "| step | status | seconds | limit | result |", "|---|---|---:|---:|---|"]
+             "| step | dtype | status | seconds | limit | result |", "|---|---|---|---:|---:|---|"]
     for short, title, rc, s, limit, out in done:
         status = ("ok" if rc == 0 else "skipped" if rc == -1 else "timed out" if rc == 124 else
                   "ran, a target missed" if rc == 1 and short not in ("tests",) and "Traceback" not in out else
                   "FAILED" if rc == 1 else f"FAILED (rc {rc})")
         result = summary(short, rc, out) if rc != -1 else "the suite's time budget is spent"
-        lines.append(f"| {title} | {status} | {s:.0f} | {limit:.0f} | {result.replace('|', '/')} |")
+        lines.append(f"| {title} | {DTYPES[short]} | {status} | {s:.0f} | {limit:.0f} | {result.replace('|', '/')} |")
     lines += [""]
     for short, title, rc, s, limit, out in done:
         lines += [f"## {title}", "", "```", out.strip()[-6000:], "```", ""]

@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-import torch
-
-from vit_lens.core.errors import InputError, VitLensError
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, setup  # noqa: E402  (benchmarks/_common.py: the shared flags)
+from vit_lens.core.errors import InputError, VitLensError  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -94,11 +94,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--memory-mb", type=float, default=512)
     p.add_argument("--chunk-size", type=int, default=1, help="images per Parquet shard (default 1)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the folder")
-    p.add_argument("--threads", type=int, default=None)
+    add_common_args(p, device=False, threads=None)
     p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup(args, p)
     files: List[Path] = []
     out = Path(args.out)
     try:
