@@ -18,7 +18,7 @@ else random images), metric: the logit of the clean image's top class.
   subset of ``--naive-runs`` runs per repetition; extrapolated as mean time per run x L x P.
 
 Models: a timm name (random weights; the hub is unreachable and speed does not depend on the weights)
-or ``real_vit_tiny`` (the real ViT-Ti checkpoint from ../shared/weights). Variants take turns in a rotated
+or ``real_vit_tiny`` (the real ViT-Ti checkpoint from ../shared/weights). Variants take turns in a balanced
 order within every repetition (benchmarks/_timing.py). Prints the ratios and the agreement (Spearman,
 top-10 overlap) of the attribution estimate with the exact values of the timed layers, and checks the
 exact sweep against the naive runs that fall in those layers: within 1e-4 of the clean-corrupted gap

@@ -62,6 +62,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the peers' models are built from configs: never wait on the hub
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, setup  # noqa: E402  (benchmarks/_common.py, the shared flags)
 from _timing import Timings, interleaved, round_order, sync  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -430,9 +431,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="batch size (with --model; default 8)")
     p.add_argument("--reps", type=int, default=9, help="timed repetitions of each variant (>= 9 for the report)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_common_args(p, device="cpu", threads=None, dtype="float32")
     p.add_argument("--peers", action="store_true",
                    help="add the Hugging Face / TransformerBridge / ViT-Prisma rows (implied by --prisma-python)")
     p.add_argument("--no-peers", action="store_true", help="no peer rows (the default; wins over --peers)")
@@ -442,8 +441,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="a Python with vit-prisma installed: runs the prisma cache row in its own process")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup(args, p)  # threads; refuses a device that is not there (exit 2)
     if args.worker:
         return worker(args.worker, args.model, args.batch or 8, args)
     runs = [(args.model, args.batch or 8)] if args.model else list(DEFAULT_RUNS)
