@@ -166,9 +166,8 @@ def test_head_sweeps_equal_the_naive_loop(hook, pair):
     with torch.inference_mode():
         _, cache = m.run_with_cache(clean, names_filter=names)
     ref = torch.stack([torch.stack([_naive(m, corr, n, cache[n], head=h) for h in range(H)]) for n in names])
-    # one layer per sweep: the sweep's corrupted baseline caches the patched hook of every swept layer, and
-    # caching a pattern or scores materialises that layer's attention (float32 rounding of its own) in the
-    # residual stream the runs of the later layers start from; the naive run of layer l materialises layer l only
+    # one layer per sweep (the reference caches every layer's clean activation in one run, which for a
+    # pattern or scores materialises the earlier layers; sweeps over many layers: see below)
     got = torch.stack([patch_heads_sweep(m, clean, corr, METRIC, hook=hook, layers=[l], progress=False,
                                          chunk_size=1).values[0] for l in range(L)])
     assert torch.equal(got, ref)
@@ -314,3 +313,77 @@ def test_neuron_sweep_reuses_the_attention_and_equals_the_naive_loop(pair):
                     return act
 
                 assert torch.equal(res.values[l, j], METRIC(m.run_with_hooks(corr, fwd_hooks=[(name, hook)])))
+
+
+# ------------------------------------------------------------------ many layers in one sweep
+#: every per-head hook: the pattern and scores materialise the attention wherever they are hooked
+HEAD_HOOKS = ["attn.hook_pattern", "attn.hook_attn_scores", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+              "attn.hook_z", "attn.hook_result"]
+
+
+def _deep(kind: str) -> HookedViT:
+    name, kw = VARIANTS[kind]
+    m = HookedViT.from_timm(make_timm(name, seed=1, **{**KW, **kw, "depth": 4}))
+    m.set_use_attn_result(True)
+    return m
+
+
+@pytest.fixture(scope="module", params=["avg", "post_norm"])
+def deep(request) -> HookedViT:
+    return _deep(request.param)
+
+
+def _naive_heads(m, clean, corr, hook, layers):
+    """The naive loop of a layer x head sweep: per layer, the clean activation of a clean forward
+    caching that hook only, then one full corrupted forward per head with only the patch hook (so
+    only the patched layer materialises its attention, as in any single patched run)."""
+    out = []
+    for l in layers:
+        n = f"blocks.{l}.{hook}"
+        with torch.inference_mode():
+            _, cache = m.run_with_cache(clean, names_filter=[n])
+        out.append(torch.stack([_naive(m, corr, n, cache[n], head=h) for h in range(m.cfg.n_heads)]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("hook", HEAD_HOOKS)
+def test_sweeps_over_many_layers_equal_the_naive_loop_bit_for_bit(deep, pair, hook):
+    """One sweep over layers 0..3: the baselines must not materialise any swept layer's attention
+    (caching its pattern or scores would): the runs of layer l start from the residual stream and
+    take the clean activation a naive run computes, bit for bit, and the baselines are plain forwards."""
+    clean, corr = pair
+    layers = range(deep.cfg.n_layers)
+    ref = _naive_heads(deep, clean, corr, hook, layers)
+    got = patch_heads_sweep(deep, clean, corr, METRIC, hook=hook, progress=False, chunk_size=1)
+    assert torch.equal(got.values, ref)
+    with torch.inference_mode():
+        assert torch.equal(got.corrupted, METRIC(deep(corr)))
+        assert torch.equal(got.clean, METRIC(deep(clean)))
+    assert ref.std() > 1e-3
+    chunked = patch_heads_sweep(deep, clean, corr, METRIC, hook=hook, progress=False, chunk_size=3)
+    assert (chunked.values - ref).abs().max() <= 1e-5
+
+
+def test_pattern_position_sweep_over_many_layers_equals_the_naive_loop(pair):
+    """Query positions of the pattern (one per run, every head), every layer in one sweep: the case
+    issue 17 item 3 found inexact."""
+    m = _deep("avg")
+    clean, corr = pair
+    L, P = m.cfg.n_layers, m.cfg.n_ctx
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+    ref = []
+    for n in names:
+        with torch.inference_mode():
+            _, cache = m.run_with_cache(clean, names_filter=[n])
+        for p in range(P):
+
+            def patch(act, hook=None, p=p, src=cache[n]):
+                act = act.clone()
+                act[:, :, p] = src[:, :, p]
+                return act
+
+            with torch.inference_mode():
+                ref.append(METRIC(m.run_with_hooks(corr, fwd_hooks=[(n, patch)])))
+    runs = [patching.PatchRuns(n, positions=torch.eye(P, dtype=torch.bool), n_runs=P) for n in names]
+    values, clean_m, corr_m = patching.run_sweep(m, clean, corr, METRIC, runs, chunk_size=1, progress=False)
+    assert torch.equal(values, torch.stack(ref))

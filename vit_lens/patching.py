@@ -928,12 +928,21 @@ def run_sweep(
     for s in starts.values():
         if s is not None:
             start_names.add(f"blocks.{s}.hook_resid_pre" if s < L else f"blocks.{L - 1}.hook_resid_post")
-    names_clean = set(patch_names) | ({mname} if mname else set())
+    # a hook on a pattern or scores materialises that layer's attention, which rounds differently from
+    # the fused kernel: caching them in the baselines would start every later layer's runs from a
+    # residual stream no single patched run computes. They are computed block by block instead.
+    alone = {n for n in patch_names if _layout(n) == "head_qk" and n != mname}
+    names_clean = (set(patch_names) - alone) | ({mname} if mname else set()) | {_block_input(model, n) for n in alone}
     names_corr = names_clean | start_names
 
     with torch.inference_mode():
-        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=sorted(names_clean))
-        corr_logits, corr_cache = model.run_with_cache(corrupted, names_filter=sorted(names_corr))
+        clean_logits, clean_run = model.run_with_cache(clean, names_filter=sorted(names_clean))
+        corr_logits, corr_run = model.run_with_cache(corrupted, names_filter=sorted(names_corr))
+        clean_cache = {n: clean_run[n] for n in names_clean}
+        corr_cache = {n: corr_run[n] for n in names_corr}
+        for n in sorted(alone):
+            clean_cache[n] = _in_its_block_alone(model, n, clean_cache[_block_input(model, n)])
+            corr_cache[n] = _in_its_block_alone(model, n, corr_cache[_block_input(model, n)])
         clean_m = _call_metric(metric, clean_logits, clean_cache[mname] if mname else None)
         corr_m = _call_metric(metric, corr_logits, corr_cache[mname] if mname else None)
 
@@ -1016,6 +1025,25 @@ def run_sweep(
             results.append(vals)
         bar.close()
     return torch.cat(results, 0).cpu(), clean_m.cpu(), corr_m.cpu()
+
+
+def _block_input(model: Any, name: str) -> str:
+    return f"blocks.{hook_layer(model, name)}.hook_resid_pre"
+
+
+def _in_its_block_alone(model: Any, name: str, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
+    """The activation of block hook ``name`` when its block runs on its cached input ``x`` with a hook
+    there only: what a full forward hooking only ``name`` computes (the same block on the same input),
+    while every other block of the baseline run kept the fused attention."""
+    layer = hook_layer(model, name)
+    got: Dict[str, Tensor] = {}
+
+    def grab(act: Tensor, hook: Any = None) -> None:
+        got["x"] = act
+
+    with model.hooks(fwd_hooks=[(name, grab)]):
+        model(x, start_at_layer=layer, stop_at_layer=layer + 1)
+    return got["x"]
 
 
 def _runs_that_change(layout: str, diff: Tensor, g: PatchRuns) -> Tensor:
