@@ -387,3 +387,173 @@ def test_pattern_position_sweep_over_many_layers_equals_the_naive_loop(pair):
     runs = [patching.PatchRuns(n, positions=torch.eye(P, dtype=torch.bool), n_runs=P) for n in names]
     values, clean_m, corr_m = patching.run_sweep(m, clean, corr, METRIC, runs, chunk_size=1, progress=False)
     assert torch.equal(values, torch.stack(ref))
+
+
+# ------------------------------------------------------------------ runs that start at the patched hook
+class _CountAttention:
+    """Rows (batch) each block's attention core (``forward_qkv``: from the queries on) ran on."""
+
+    def __init__(self, monkeypatch, m):
+        self.rows = {l: 0 for l in range(m.cfg.n_layers)}
+        layer_of = {id(b.attn): l for l, b in enumerate(m.blocks)}
+        real = Attention.forward_qkv
+        counter = self
+
+        def forward_qkv(attn, q, k, v):
+            counter.rows[layer_of[id(attn)]] += q.shape[0]
+            return real(attn, q, k, v)
+
+        monkeypatch.setattr(Attention, "forward_qkv", forward_qkv)
+
+
+@pytest.mark.parametrize("hook,entry", [("attn.hook_attn_scores", "scores"), ("attn.hook_pattern", "pattern"),
+                                        ("attn.hook_z", "z"), ("attn.hook_result", "result"), ("attn.hook_q", "qkv")])
+def test_a_patch_inside_the_attention_starts_each_run_at_its_hook(monkeypatch, pair, hook, entry):
+    """A patch of the scores, the pattern, z or the per-head results computes the attention before it
+    once per group (the corrupted run's, at the hook), not once per run; a query patch still needs the
+    attention per run."""
+    m = _deep("avg")
+    clean, corr = pair
+    B, H = clean.shape[0], m.cfg.n_heads
+    count = _CountAttention(monkeypatch, m)
+    name = f"blocks.2.{hook}"
+    with torch.inference_mode():
+        plan = patching._reuse_plan(m, name, 2, m(corr, stop_at_layer=2), None, None)
+    assert plan is not None and plan.entry == entry
+    count.rows[2] = 0
+    res = patch_heads_sweep(m, clean, corr, METRIC, hook=hook, layers=[2], progress=False, chunk_size=2)
+    alone = 2 * B if entry in ("scores", "pattern") else 0  # the baselines' pattern / scores, block 2 alone
+    plan_rows, per_run = (0, H * B) if entry == "qkv" else (B, 0)  # the plan: the corrupted run's value at the hook
+    assert count.rows[2] == 2 * B + alone + plan_rows + per_run  # the two baselines, the plan, the runs
+    count.rows[2] = 0
+    full = _sweep_heads(m, clean, corr, hook, reuse=False, layers=[2], chunk_size=2)
+    assert count.rows[2] == 2 * B + alone + H * B  # without reuse: every run's attention
+    assert (res.values - full.values).abs().max() <= 1e-5
+    assert _no_overrides(m)
+
+
+def _sweep_heads(m, clean, corr, hook, reuse=True, **kw):
+    patching._REUSE_AT_PATCHED_LAYER = reuse
+    try:
+        return patch_heads_sweep(m, clean, corr, METRIC, hook=hook, progress=False, **kw)
+    finally:
+        patching._REUSE_AT_PATCHED_LAYER = True
+
+
+def test_no_start_at_the_hook_under_an_attention_mask(pair):
+    """An attention mask (knockout) keeps today's reuse of the queries, keys and values only."""
+    from vit_lens.ablation import attention_knockout
+
+    m = _deep("avg")
+    clean, corr = pair
+    with torch.inference_mode(), attention_knockout(m, "self_only", mode="mask"):
+        plan = patching._reuse_plan(m, "blocks.1.attn.hook_z", 1, m(corr, stop_at_layer=1), None, None)
+        assert plan is not None and plan.entry == "qkv"
+        ref = _naive_heads(m, clean, corr, "attn.hook_z", [1])
+        got = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", layers=[1], progress=False, chunk_size=1)
+    assert torch.equal(got.values, ref)
+
+
+def test_starting_from_the_wrong_run_is_caught(monkeypatch, pair):
+    """The reference can tell: a plan that took the clean run's z where the corrupted z is due (every
+    run then sees the clean z everywhere) no longer equals the naive loop."""
+    m = _deep("avg")
+    clean, corr = pair
+    ref = _naive_heads(m, clean, corr, "attn.hook_z", [1])
+    with torch.inference_mode():
+        clean_x0 = m(clean, stop_at_layer=1)
+    real = patching._reuse_plan
+    monkeypatch.setattr(patching, "_reuse_plan", lambda model, name, layer, x0, src, tgt: real(model, name, layer, clean_x0, src, tgt))
+    wrong = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", layers=[1], progress=False, chunk_size=1)
+    assert (wrong.values - ref).abs().max() > 1e-4
+    monkeypatch.setattr(patching, "_reuse_plan", real)
+    right = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", layers=[1], progress=False, chunk_size=1)
+    assert torch.equal(right.values, ref)
+
+
+@pytest.mark.parametrize("hook", ["attn.hook_z", "attn.hook_pattern"])
+def test_starting_at_the_hook_every_model(model, pair, hook):
+    """Token / distilled / average pooling, registers, post-norm: per-head patches of z and the pattern,
+    chunked (within float32 rounding of the naive loop, as the engine without reuse) and one run per
+    chunk (bit for bit where nothing is pruned: the patched layer is the last)."""
+    clean, corr = pair
+    L = model.cfg.n_layers
+    ref = _naive_heads(model, clean, corr, hook, range(L))
+    got = patch_heads_sweep(model, clean, corr, METRIC, hook=hook, progress=False, chunk_size=2)
+    full = _sweep_heads(model, clean, corr, hook, reuse=False, chunk_size=2)
+    assert (got.values - ref).abs().max() <= 1e-5
+    assert (got.values - full.values).abs().max() <= 1e-5
+    last = patch_heads_sweep(model, clean, corr, METRIC, hook=hook, layers=[L - 1], progress=False, chunk_size=1)
+    assert torch.equal(last.values[0], ref[L - 1])
+    assert _no_overrides(model)
+
+
+class _MetricWith:
+    """The logit difference plus the mean of one attention hook's activation of the same run
+    (``[..., batch, a, b, c]``)."""
+
+    def __init__(self, name):
+        self.hook_name = name
+        self.__name__ = "with_" + name
+
+    def __call__(self, logits, act):
+        return METRIC(logits) + act.flatten(-3).mean(-1)
+
+
+@pytest.mark.parametrize("hook,bypassed", [("attn.hook_z", "attn.hook_pattern"), ("attn.hook_result", "attn.hook_z"),
+                                           ("attn.hook_pattern", "attn.hook_v")])
+def test_a_hook_on_a_bypassed_point_turns_the_start_at_the_hook_off(monkeypatch, pair, hook, bypassed):
+    """A metric reading a hook the run would skip (and, for ``hook_pattern``, would materialise the
+    attention a z patch takes fused), or a user's hook there: the full computation, the naive values."""
+    m = _deep("avg")
+    clean, corr = pair
+    layer, H = 1, m.cfg.n_heads
+    metric = _MetricWith(f"blocks.{layer}.{bypassed}")
+    name = f"blocks.{layer}.{hook}"
+    with torch.inference_mode():
+        _, cache = m.run_with_cache(clean, names_filter=[name])
+    ref = []
+    for h in range(H):
+        got = {}
+
+        def patch(act, hook=None, h=h):
+            act = act.clone()
+            if name.endswith("hook_pattern"):
+                act[:, h] = cache[name][:, h]
+            else:
+                act[:, :, h] = cache[name][:, :, h]
+            return act
+
+        with torch.inference_mode():
+            logits = m.run_with_hooks(corr, fwd_hooks=[(name, patch), (metric.hook_name, lambda a, hook=None: got.update(x=a))])
+        ref.append(metric(logits, got["x"]))
+    count = _CountAttention(monkeypatch, m)
+    res = patch_heads_sweep(m, clean, corr, metric, hook=hook, layers=[layer], progress=False, chunk_size=1)
+    assert torch.equal(res.values[0], torch.stack(ref))
+    assert count.rows[layer] >= H * clean.shape[0]  # every run computed its attention
+    seen = []
+    with m.hooks(fwd_hooks=[(f"blocks.{layer}.{bypassed}", lambda a, hook=None: seen.append(a.shape[0]))]):
+        patch_heads_sweep(m, clean, corr, METRIC, hook=hook, layers=[layer], progress=False, chunk_size=1)
+    assert len(seen) >= H  # fired in every run
+    assert _no_overrides(m)
+
+
+def test_an_interrupted_z_sweep_resumes_to_the_same_values(pair):
+    """Stopped in the middle (Ctrl-C in the metric), a sweep starting its runs at ``hook_z`` removes its
+    override; run again it gives the uninterrupted values."""
+    m = _deep("avg")
+    clean, corr = pair
+    ref = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", progress=False, chunk_size=2)
+    calls = []
+
+    def stops(logits):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return METRIC(logits)
+
+    with pytest.raises(KeyboardInterrupt):
+        patch_heads_sweep(m, clean, corr, stops, hook="attn.hook_z", progress=False, chunk_size=2)
+    assert _no_overrides(m)
+    again = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", progress=False, chunk_size=2)
+    assert torch.equal(again.values, ref.values)
