@@ -734,7 +734,8 @@ def _reuse_entry(model: Any, name: str, layer: int) -> Optional[str]:
     ``ln1.*`` come after the attention -> ``"attn"``. Either: ``attn.hook_q/k/v/attn_scores/pattern/
     z/result`` leave the projections unchanged -> ``"qkv"``; ``hook_attn_out`` and everything after
     it (``resid_mid``, ``ln2.*``, ``mlp.*``, ``mlp_out``, ``resid_post``) leave the attention
-    unchanged -> ``"attn"``.
+    unchanged -> ``"attn"``. :func:`_reuse_plan` goes further for ``attn.hook_attn_scores/pattern/z/
+    result`` (runs start at the hook itself, :data:`_FROM_HOOK`) where no attention mask is set.
     """
     from vit_lens.components.attention import Attention
     from vit_lens.components.block import TransformerBlock
