@@ -557,3 +557,20 @@ def test_an_interrupted_z_sweep_resumes_to_the_same_values(pair):
     assert _no_overrides(m)
     again = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", progress=False, chunk_size=2)
     assert torch.equal(again.values, ref.values)
+
+
+def test_starting_at_the_pattern_with_separate_projections(pair):
+    """Weights that no longer share timm's fused buffer (three projections, three value tensors): the
+    pattern and score patches take the values from the separate ``v``, still bit for bit."""
+    m = _deep("avg")
+    for b in m.blocks:
+        b.attn.W_V.data = b.attn.W_V.data.clone()
+    assert m.blocks[1].attn._fused_qkv_weight() is None
+    clean, corr = pair
+    with torch.inference_mode():
+        plan = patching._reuse_plan(m, "blocks.1.attn.hook_pattern", 1, m(corr, stop_at_layer=1), None, None)
+    assert plan is not None and plan.entry == "pattern" and len(plan.corrupted) == 4  # the pattern, q, k, v
+    for hook in ("attn.hook_pattern", "attn.hook_attn_scores"):
+        ref = _naive_heads(m, clean, corr, hook, [1, 3])
+        got = patch_heads_sweep(m, clean, corr, METRIC, hook=hook, layers=[1, 3], progress=False, chunk_size=1)
+        assert torch.equal(got.values, ref), hook

@@ -874,7 +874,8 @@ def _reusing(model: Any, plan: Optional[_Reuse], n_runs: int, pos: Optional[Tens
         setattr(attn, "forward", forward)  # an instance attribute: shadows the method for this chunk only
     elif plan.entry in _BYPASSED and plan.entry != "qkv":
         at = rep(plan.corrupted[0])  # the corrupted run's value at the patched hook, for every run
-        values = _split(tuple(rep(a) for a in plan.corrupted[1:]))[2] if len(plan.corrupted) > 1 else None
+        rest = plan.corrupted[1:]  # (qkv,) in the fused layout, or (q, k, v): only the values are used
+        values = None if not rest else rep(rest[0])[:, :, 2] if len(rest) == 1 else rep(rest[2])
         step = {"scores": attn.forward_scores, "pattern": attn.forward_pattern, "z": attn.forward_z,
                 "result": attn.forward_result}[plan.entry]
         block_attn = attn
