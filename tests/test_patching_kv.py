@@ -14,6 +14,12 @@ Reuse is seen to happen (the patched block's projections run once per group, not
 falls back to the full computation where it could not be exact (``ln1.hook_scale`` of a pre-norm
 block, a user's hook in the patched block, a metric reading a bypassed hook), and leaves the model
 as it was, also when a sweep is interrupted.
+
+Sweeps over many layers are bit for bit too, for every per-head hook: the baselines never cache a
+pattern or scores (that would materialise the attention of every swept layer, which rounds
+differently from the fused kernel, in the residual stream the later layers' runs start from). A
+patch of the scores, the pattern, z or the per-head results starts each run at that hook, from the
+corrupted run's value there (the attention before it runs once per group, not per run).
 """
 
 from __future__ import annotations
