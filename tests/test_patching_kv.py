@@ -14,6 +14,12 @@ Reuse is seen to happen (the patched block's projections run once per group, not
 falls back to the full computation where it could not be exact (``ln1.hook_scale`` of a pre-norm
 block, a user's hook in the patched block, a metric reading a bypassed hook), and leaves the model
 as it was, also when a sweep is interrupted.
+
+Sweeps over many layers are bit for bit too, for every per-head hook: the baselines never cache a
+pattern or scores (that would materialise the attention of every swept layer, which rounds
+differently from the fused kernel, in the residual stream the later layers' runs start from). A
+patch of the scores, the pattern, z or the per-head results starts each run at that hook, from the
+corrupted run's value there (the attention before it runs once per group, not per run).
 """
 
 from __future__ import annotations
@@ -166,9 +172,8 @@ def test_head_sweeps_equal_the_naive_loop(hook, pair):
     with torch.inference_mode():
         _, cache = m.run_with_cache(clean, names_filter=names)
     ref = torch.stack([torch.stack([_naive(m, corr, n, cache[n], head=h) for h in range(H)]) for n in names])
-    # one layer per sweep: the sweep's corrupted baseline caches the patched hook of every swept layer, and
-    # caching a pattern or scores materialises that layer's attention (float32 rounding of its own) in the
-    # residual stream the runs of the later layers start from; the naive run of layer l materialises layer l only
+    # one layer per sweep (the reference caches every layer's clean activation in one run, which for a
+    # pattern or scores materialises the earlier layers; sweeps over many layers: see below)
     got = torch.stack([patch_heads_sweep(m, clean, corr, METRIC, hook=hook, layers=[l], progress=False,
                                          chunk_size=1).values[0] for l in range(L)])
     assert torch.equal(got, ref)
@@ -314,3 +319,264 @@ def test_neuron_sweep_reuses_the_attention_and_equals_the_naive_loop(pair):
                     return act
 
                 assert torch.equal(res.values[l, j], METRIC(m.run_with_hooks(corr, fwd_hooks=[(name, hook)])))
+
+
+# ------------------------------------------------------------------ many layers in one sweep
+#: every per-head hook: the pattern and scores materialise the attention wherever they are hooked
+HEAD_HOOKS = ["attn.hook_pattern", "attn.hook_attn_scores", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+              "attn.hook_z", "attn.hook_result"]
+
+
+def _deep(kind: str) -> HookedViT:
+    name, kw = VARIANTS[kind]
+    m = HookedViT.from_timm(make_timm(name, seed=1, **{**KW, **kw, "depth": 4}))
+    m.set_use_attn_result(True)
+    return m
+
+
+@pytest.fixture(scope="module", params=["avg", "post_norm"])
+def deep(request) -> HookedViT:
+    return _deep(request.param)
+
+
+def _naive_heads(m, clean, corr, hook, layers):
+    """The naive loop of a layer x head sweep: per layer, the clean activation of a clean forward
+    caching that hook only, then one full corrupted forward per head with only the patch hook (so
+    only the patched layer materialises its attention, as in any single patched run)."""
+    out = []
+    for l in layers:
+        n = f"blocks.{l}.{hook}"
+        with torch.inference_mode():
+            _, cache = m.run_with_cache(clean, names_filter=[n])
+        out.append(torch.stack([_naive(m, corr, n, cache[n], head=h) for h in range(m.cfg.n_heads)]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("hook", HEAD_HOOKS)
+def test_sweeps_over_many_layers_equal_the_naive_loop_bit_for_bit(deep, pair, hook):
+    """One sweep over layers 0..3: the baselines must not materialise any swept layer's attention
+    (caching its pattern or scores would): the runs of layer l start from the residual stream and
+    take the clean activation a naive run computes, bit for bit, and the baselines are plain forwards."""
+    clean, corr = pair
+    layers = range(deep.cfg.n_layers)
+    ref = _naive_heads(deep, clean, corr, hook, layers)
+    got = patch_heads_sweep(deep, clean, corr, METRIC, hook=hook, progress=False, chunk_size=1)
+    assert torch.equal(got.values, ref)
+    with torch.inference_mode():
+        assert torch.equal(got.corrupted, METRIC(deep(corr)))
+        assert torch.equal(got.clean, METRIC(deep(clean)))
+    assert ref.std() > 1e-3
+    chunked = patch_heads_sweep(deep, clean, corr, METRIC, hook=hook, progress=False, chunk_size=3)
+    assert (chunked.values - ref).abs().max() <= 1e-5
+
+
+def test_pattern_position_sweep_over_many_layers_equals_the_naive_loop(pair):
+    """Query positions of the pattern (one per run, every head), every layer in one sweep: the case
+    issue 17 item 3 found inexact."""
+    m = _deep("avg")
+    clean, corr = pair
+    L, P = m.cfg.n_layers, m.cfg.n_ctx
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+    ref = []
+    for n in names:
+        with torch.inference_mode():
+            _, cache = m.run_with_cache(clean, names_filter=[n])
+        for p in range(P):
+
+            def patch(act, hook=None, p=p, src=cache[n]):
+                act = act.clone()
+                act[:, :, p] = src[:, :, p]
+                return act
+
+            with torch.inference_mode():
+                ref.append(METRIC(m.run_with_hooks(corr, fwd_hooks=[(n, patch)])))
+    runs = [patching.PatchRuns(n, positions=torch.eye(P, dtype=torch.bool), n_runs=P) for n in names]
+    values, clean_m, corr_m = patching.run_sweep(m, clean, corr, METRIC, runs, chunk_size=1, progress=False)
+    assert torch.equal(values, torch.stack(ref))
+
+
+# ------------------------------------------------------------------ runs that start at the patched hook
+class _CountAttention:
+    """Rows (batch) each block's attention core (``forward_qkv``: from the queries on) ran on."""
+
+    def __init__(self, monkeypatch, m):
+        self.rows = {l: 0 for l in range(m.cfg.n_layers)}
+        layer_of = {id(b.attn): l for l, b in enumerate(m.blocks)}
+        real = Attention.forward_qkv
+        counter = self
+
+        def forward_qkv(attn, q, k, v):
+            counter.rows[layer_of[id(attn)]] += q.shape[0]
+            return real(attn, q, k, v)
+
+        monkeypatch.setattr(Attention, "forward_qkv", forward_qkv)
+
+
+@pytest.mark.parametrize("hook,entry", [("attn.hook_attn_scores", "scores"), ("attn.hook_pattern", "pattern"),
+                                        ("attn.hook_z", "z"), ("attn.hook_result", "result"), ("attn.hook_q", "qkv")])
+def test_a_patch_inside_the_attention_starts_each_run_at_its_hook(monkeypatch, pair, hook, entry):
+    """A patch of the scores, the pattern, z or the per-head results computes the attention before it
+    once per group (the corrupted run's, at the hook), not once per run; a query patch still needs the
+    attention per run."""
+    m = _deep("avg")
+    clean, corr = pair
+    B, H = clean.shape[0], m.cfg.n_heads
+    count = _CountAttention(monkeypatch, m)
+    name = f"blocks.2.{hook}"
+    with torch.inference_mode():
+        plan = patching._reuse_plan(m, name, 2, m(corr, stop_at_layer=2), None, None)
+    assert plan is not None and plan.entry == entry
+    count.rows[2] = 0
+    res = patch_heads_sweep(m, clean, corr, METRIC, hook=hook, layers=[2], progress=False, chunk_size=2)
+    alone = 2 * B if entry in ("scores", "pattern") else 0  # the baselines' pattern / scores, block 2 alone
+    plan_rows, per_run = (0, H * B) if entry == "qkv" else (B, 0)  # the plan: the corrupted run's value at the hook
+    assert count.rows[2] == 2 * B + alone + plan_rows + per_run  # the two baselines, the plan, the runs
+    count.rows[2] = 0
+    full = _sweep_heads(m, clean, corr, hook, reuse=False, layers=[2], chunk_size=2)
+    assert count.rows[2] == 2 * B + alone + H * B  # without reuse: every run's attention
+    assert (res.values - full.values).abs().max() <= 1e-5
+    assert _no_overrides(m)
+
+
+def _sweep_heads(m, clean, corr, hook, reuse=True, **kw):
+    patching._REUSE_AT_PATCHED_LAYER = reuse
+    try:
+        return patch_heads_sweep(m, clean, corr, METRIC, hook=hook, progress=False, **kw)
+    finally:
+        patching._REUSE_AT_PATCHED_LAYER = True
+
+
+def test_no_start_at_the_hook_under_an_attention_mask(pair):
+    """An attention mask (knockout) keeps today's reuse of the queries, keys and values only."""
+    from vit_lens.ablation import attention_knockout
+
+    m = _deep("avg")
+    clean, corr = pair
+    with torch.inference_mode(), attention_knockout(m, "self_only", mode="mask"):
+        plan = patching._reuse_plan(m, "blocks.1.attn.hook_z", 1, m(corr, stop_at_layer=1), None, None)
+        assert plan is not None and plan.entry == "qkv"
+        ref = _naive_heads(m, clean, corr, "attn.hook_z", [1])
+        got = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", layers=[1], progress=False, chunk_size=1)
+    assert torch.equal(got.values, ref)
+
+
+def test_starting_from_the_wrong_run_is_caught(monkeypatch, pair):
+    """The reference can tell: a plan that took the clean run's z where the corrupted z is due (every
+    run then sees the clean z everywhere) no longer equals the naive loop."""
+    m = _deep("avg")
+    clean, corr = pair
+    ref = _naive_heads(m, clean, corr, "attn.hook_z", [1])
+    with torch.inference_mode():
+        clean_x0 = m(clean, stop_at_layer=1)
+    real = patching._reuse_plan
+    monkeypatch.setattr(patching, "_reuse_plan", lambda model, name, layer, x0, src, tgt: real(model, name, layer, clean_x0, src, tgt))
+    wrong = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", layers=[1], progress=False, chunk_size=1)
+    assert (wrong.values - ref).abs().max() > 1e-4
+    monkeypatch.setattr(patching, "_reuse_plan", real)
+    right = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", layers=[1], progress=False, chunk_size=1)
+    assert torch.equal(right.values, ref)
+
+
+@pytest.mark.parametrize("hook", ["attn.hook_z", "attn.hook_pattern"])
+def test_starting_at_the_hook_every_model(model, pair, hook):
+    """Token / distilled / average pooling, registers, post-norm: per-head patches of z and the pattern,
+    chunked (within float32 rounding of the naive loop, as the engine without reuse) and one run per
+    chunk (bit for bit where nothing is pruned: the patched layer is the last)."""
+    clean, corr = pair
+    L = model.cfg.n_layers
+    ref = _naive_heads(model, clean, corr, hook, range(L))
+    got = patch_heads_sweep(model, clean, corr, METRIC, hook=hook, progress=False, chunk_size=2)
+    full = _sweep_heads(model, clean, corr, hook, reuse=False, chunk_size=2)
+    assert (got.values - ref).abs().max() <= 1e-5
+    assert (got.values - full.values).abs().max() <= 1e-5
+    last = patch_heads_sweep(model, clean, corr, METRIC, hook=hook, layers=[L - 1], progress=False, chunk_size=1)
+    assert torch.equal(last.values[0], ref[L - 1])
+    assert _no_overrides(model)
+
+
+class _MetricWith:
+    """The logit difference plus the mean of one attention hook's activation of the same run
+    (``[..., batch, a, b, c]``)."""
+
+    def __init__(self, name):
+        self.hook_name = name
+        self.__name__ = "with_" + name
+
+    def __call__(self, logits, act):
+        return METRIC(logits) + act.flatten(-3).mean(-1)
+
+
+@pytest.mark.parametrize("hook,bypassed", [("attn.hook_z", "attn.hook_pattern"), ("attn.hook_result", "attn.hook_z"),
+                                           ("attn.hook_pattern", "attn.hook_v")])
+def test_a_hook_on_a_bypassed_point_turns_the_start_at_the_hook_off(monkeypatch, pair, hook, bypassed):
+    """A metric reading a hook the run would skip (and, for ``hook_pattern``, would materialise the
+    attention a z patch takes fused), or a user's hook there: the full computation, the naive values."""
+    m = _deep("avg")
+    clean, corr = pair
+    layer, H = 1, m.cfg.n_heads
+    metric = _MetricWith(f"blocks.{layer}.{bypassed}")
+    name = f"blocks.{layer}.{hook}"
+    with torch.inference_mode():
+        _, cache = m.run_with_cache(clean, names_filter=[name])
+    ref = []
+    for h in range(H):
+        got = {}
+
+        def patch(act, hook=None, h=h):
+            act = act.clone()
+            if name.endswith("hook_pattern"):
+                act[:, h] = cache[name][:, h]
+            else:
+                act[:, :, h] = cache[name][:, :, h]
+            return act
+
+        with torch.inference_mode():
+            logits = m.run_with_hooks(corr, fwd_hooks=[(name, patch), (metric.hook_name, lambda a, hook=None: got.update(x=a))])
+        ref.append(metric(logits, got["x"]))
+    count = _CountAttention(monkeypatch, m)
+    res = patch_heads_sweep(m, clean, corr, metric, hook=hook, layers=[layer], progress=False, chunk_size=1)
+    assert torch.equal(res.values[0], torch.stack(ref))
+    assert count.rows[layer] >= H * clean.shape[0]  # every run computed its attention
+    seen = []
+    with m.hooks(fwd_hooks=[(f"blocks.{layer}.{bypassed}", lambda a, hook=None: seen.append(a.shape[0]))]):
+        patch_heads_sweep(m, clean, corr, METRIC, hook=hook, layers=[layer], progress=False, chunk_size=1)
+    assert len(seen) >= H  # fired in every run
+    assert _no_overrides(m)
+
+
+def test_an_interrupted_z_sweep_resumes_to_the_same_values(pair):
+    """Stopped in the middle (Ctrl-C in the metric), a sweep starting its runs at ``hook_z`` removes its
+    override; run again it gives the uninterrupted values."""
+    m = _deep("avg")
+    clean, corr = pair
+    ref = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", progress=False, chunk_size=2)
+    calls = []
+
+    def stops(logits):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return METRIC(logits)
+
+    with pytest.raises(KeyboardInterrupt):
+        patch_heads_sweep(m, clean, corr, stops, hook="attn.hook_z", progress=False, chunk_size=2)
+    assert _no_overrides(m)
+    again = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", progress=False, chunk_size=2)
+    assert torch.equal(again.values, ref.values)
+
+
+def test_starting_at_the_pattern_with_separate_projections(pair):
+    """Weights that no longer share timm's fused buffer (three projections, three value tensors): the
+    pattern and score patches take the values from the separate ``v``, still bit for bit."""
+    m = _deep("avg")
+    for b in m.blocks:
+        b.attn.W_V.data = b.attn.W_V.data.clone()
+    assert m.blocks[1].attn._fused_qkv_weight() is None
+    clean, corr = pair
+    with torch.inference_mode():
+        plan = patching._reuse_plan(m, "blocks.1.attn.hook_pattern", 1, m(corr, stop_at_layer=1), None, None)
+    assert plan is not None and plan.entry == "pattern" and len(plan.corrupted) == 4  # the pattern, q, k, v
+    for hook in ("attn.hook_pattern", "attn.hook_attn_scores"):
+        ref = _naive_heads(m, clean, corr, hook, [1, 3])
+        got = patch_heads_sweep(m, clean, corr, METRIC, hook=hook, layers=[1, 3], progress=False, chunk_size=1)
+        assert torch.equal(got.values, ref), hook

@@ -704,11 +704,16 @@ class _Reuse:
     ``entry``: ``"rows"`` (the patch writes the clean activation at some positions before the
     attention: queries, keys and values are the clean run's at those positions and the corrupted
     run's elsewhere), ``"qkv"`` (the patch is inside the attention: its queries, keys and values
-    are the corrupted run's) or ``"attn"`` (the patch is after the attention: its output is the
-    corrupted run's). ``corrupted`` / ``clean``: ``(q, k, v)`` ``[batch, pos, head, d_head]``, or
-    for ``"attn"`` the attention output ``(out,)`` ``[batch, pos, d_model]``, of one run (batch
-    ``B``), computed once per group by the block's own modules. ``checked``: the hook points of
-    the block the reuse bypasses or relies on; a hook there (the metric's) means no reuse.
+    are the corrupted run's), ``"scores"`` / ``"pattern"`` / ``"z"`` / ``"result"`` (the patch is
+    of that hook: everything before it is the corrupted run's, so each run starts there, from the
+    corrupted run's value, the patch hook firing on it) or ``"attn"`` (the patch is after the
+    attention: its output is the corrupted run's). ``corrupted`` / ``clean``: ``(q, k, v)``
+    ``[batch, pos, head, d_head]``; for ``"scores"`` / ``"pattern"`` the value at that hook
+    ``[batch, head, query_pos, key_pos]`` then ``(q, k, v)`` (the values are used); for ``"z"`` /
+    ``"result"`` the value at that hook ``([batch, pos, head, d_head or d_model],)``; for ``"attn"``
+    the attention output ``(out,)`` ``[batch, pos, d_model]``; of one run (batch ``B``), computed
+    once per group by the block's own modules. ``checked``: the hook points of the block the reuse
+    bypasses or relies on; a hook there (the metric's) means no reuse.
     """
 
     entry: str
@@ -729,7 +734,8 @@ def _reuse_entry(model: Any, name: str, layer: int) -> Optional[str]:
     ``ln1.*`` come after the attention -> ``"attn"``. Either: ``attn.hook_q/k/v/attn_scores/pattern/
     z/result`` leave the projections unchanged -> ``"qkv"``; ``hook_attn_out`` and everything after
     it (``resid_mid``, ``ln2.*``, ``mlp.*``, ``mlp_out``, ``resid_post``) leave the attention
-    unchanged -> ``"attn"``.
+    unchanged -> ``"attn"``. :func:`_reuse_plan` goes further for ``attn.hook_attn_scores/pattern/z/
+    result`` (runs start at the hook itself, :data:`_FROM_HOOK`) where no attention mask is set.
     """
     from vit_lens.components.attention import Attention
     from vit_lens.components.block import TransformerBlock
@@ -753,6 +759,19 @@ def _reuse_entry(model: Any, name: str, layer: int) -> Optional[str]:
     if suffix in ("hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post") or suffix.startswith(("ln2.", "mlp.")):
         return "attn"
     return None
+
+
+#: patches of these attention hooks start each run at the hook itself (see :class:`_Reuse`)
+_FROM_HOOK = {"attn.hook_attn_scores": "scores", "attn.hook_pattern": "pattern", "attn.hook_z": "z",
+              "attn.hook_result": "result"}
+#: the attention's hook points a run starting at each entry bypasses (and, pre-norm, ln1's)
+_BYPASSED = {
+    "qkv": (),
+    "scores": ("hook_q", "hook_k", "hook_v"),
+    "pattern": ("hook_q", "hook_k", "hook_v", "hook_attn_scores"),
+    "z": ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern"),
+    "result": ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z"),
+}
 
 
 def _hook_points(module: Any, prefix: str = "") -> List[Tuple[str, Any]]:
@@ -788,6 +807,19 @@ def _reuse_plan(model: Any, name: str, layer: Optional[int], x0: Tensor, src: Te
         clean_in = (src if post else block.ln1(src)) if entry == "rows" else None
     corr = _as_one(block.attn.project_qkv(corr_in))
     clean = None if clean_in is None else _as_one(block.attn.project_qkv(clean_in))
+    deeper = _FROM_HOOK.get(suffix) if entry == "qkv" and block.attn.attn_mask is None else None
+    if deeper is not None:  # the corrupted run's value at the patched hook, as a run hooking it there computes it
+        got: Dict[str, Tensor] = {}
+
+        def grab(act: Tensor, hook: Any = None) -> None:
+            got["x"] = act
+
+        with model.hooks(fwd_hooks=[(name, grab)]):
+            block.attn.forward_qkv(*_split(corr))
+        if "x" in got:  # (hook_result fires only with use_attn_result)
+            checked = tuple(ln1) + tuple(getattr(block.attn, n) for n in _BYPASSED[deeper])
+            kept = (got["x"], *corr) if deeper in ("scores", "pattern") else (got["x"],)
+            return _Reuse(deeper, layer, kept, None, checked)
     return _Reuse(entry, layer, corr, clean, tuple(ln1))
 
 
@@ -840,6 +872,22 @@ def _reusing(model: Any, plan: Optional[_Reuse], n_runs: int, pos: Optional[Tens
             return out if n_queries is None else out[:, :n_queries]
 
         setattr(attn, "forward", forward)  # an instance attribute: shadows the method for this chunk only
+    elif plan.entry in _BYPASSED and plan.entry != "qkv":
+        at = rep(plan.corrupted[0])  # the corrupted run's value at the patched hook, for every run
+        rest = plan.corrupted[1:]  # (qkv,) in the fused layout, or (q, k, v): only the values are used
+        values = None if not rest else rep(rest[0])[:, :, 2] if len(rest) == 1 else rep(rest[2])
+        step = {"scores": attn.forward_scores, "pattern": attn.forward_pattern, "z": attn.forward_z,
+                "result": attn.forward_result}[plan.entry]
+        block_attn = attn
+
+        def forward(x: Tensor, n_queries: Optional[int] = None) -> Tensor:
+            if n_queries is not None:  # (a pruned block: never the patched one) the full computation
+                return type(block_attn).forward(block_attn, x, n_queries)  # pragma: no cover
+            if x.shape[0] != at.shape[0]:
+                raise RuntimeError(f"reused attention for batch {at.shape[0]}, got {x.shape[0]}")  # pragma: no cover
+            return step(at) if values is None else step(at, values)
+
+        setattr(attn, "forward", forward)
     else:
         if plan.entry == "rows":
             assert plan.clean is not None
@@ -928,13 +976,31 @@ def run_sweep(
     for s in starts.values():
         if s is not None:
             start_names.add(f"blocks.{s}.hook_resid_pre" if s < L else f"blocks.{L - 1}.hook_resid_post")
-    names_clean = set(patch_names) | ({mname} if mname else set())
-    names_corr = names_clean | start_names
+    # A hook on a pattern or scores materialises that layer's attention, which rounds differently from
+    # the fused kernel: caching them in the baselines would start every later layer's runs from a
+    # residual stream no single patched run computes. They are computed block by block instead, and a
+    # metric reading one (its hook is in every patched run, not in the run the clean activations come
+    # from) gets a clean run of its own.
+    alone = {n for n in patch_names if _layout(n) == "head_qk"}
+    names_src = (set(patch_names) - alone) | {_block_input(model, n) for n in alone}
+    names_m = {mname} if mname else set()
+    names_corr = names_src | names_m | start_names
+    own_run = mname is not None and _layout(mname) == "head_qk"
 
     with torch.inference_mode():
-        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=sorted(names_clean))
-        corr_logits, corr_cache = model.run_with_cache(corrupted, names_filter=sorted(names_corr))
-        clean_m = _call_metric(metric, clean_logits, clean_cache[mname] if mname else None)
+        clean_logits, clean_run = model.run_with_cache(clean, names_filter=sorted(names_m if own_run else names_src | names_m))
+        if own_run:
+            _, clean_run_src = model.run_with_cache(clean, names_filter=sorted(names_src), return_type=None)
+        else:
+            clean_run_src = clean_run
+        corr_logits, corr_run = model.run_with_cache(corrupted, names_filter=sorted(names_corr))
+        clean_cache = {n: clean_run_src[n] for n in names_src}
+        corr_cache = {n: corr_run[n] for n in names_corr}
+        for n in sorted(alone):
+            clean_cache[n] = _in_its_block_alone(model, n, clean_cache[_block_input(model, n)])
+            if n != mname:
+                corr_cache[n] = _in_its_block_alone(model, n, corr_cache[_block_input(model, n)])
+        clean_m = _call_metric(metric, clean_logits, clean_run[mname] if mname else None)
         corr_m = _call_metric(metric, corr_logits, corr_cache[mname] if mname else None)
 
         B = corrupted.shape[0]
@@ -1016,6 +1082,27 @@ def run_sweep(
             results.append(vals)
         bar.close()
     return torch.cat(results, 0).cpu(), clean_m.cpu(), corr_m.cpu()
+
+
+def _block_input(model: Any, name: str) -> str:
+    return f"blocks.{hook_layer(model, name)}.hook_resid_pre"
+
+
+def _in_its_block_alone(model: Any, name: str, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
+    """The activation of block hook ``name`` when its block runs on its cached input ``x`` with a hook
+    there only: what a full forward hooking only ``name`` computes (the same block on the same input),
+    while every other block of the baseline run kept the fused attention."""
+    layer = hook_layer(model, name)
+    if layer is None or layer >= model.cfg.n_layers:
+        raise InputError(f"{name} is not a hook inside a block")  # pragma: no cover (only patterns and scores come here)
+    got: Dict[str, Tensor] = {}
+
+    def grab(act: Tensor, hook: Any = None) -> None:
+        got["x"] = act
+
+    with model.hooks(fwd_hooks=[(name, grab)]):
+        model(x, start_at_layer=layer, stop_at_layer=layer + 1)
+    return got["x"]
 
 
 def _runs_that_change(layout: str, diff: Tensor, g: PatchRuns) -> Tensor:

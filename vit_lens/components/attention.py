@@ -150,42 +150,83 @@ class Attention(nn.Module):
         """The attention from given queries, keys and values (the projections already made), from
         ``hook_q`` on: every hook from there fires as in :meth:`forward`, which is this after the
         projections. Patching sweeps use it to reuse the keys and values a patch leaves unchanged."""
-        B, N = k.shape[0], k.shape[1]
-        H, E = self.cfg.n_heads, self.cfg.d_head
-        Nq = q.shape[1]
         q = self.hook_q(q)  # [batch, query_pos, head, d_head]
         k = self.hook_k(k)
         v = self.hook_v(v)
-
-        mask = self.attn_mask
-        if mask is not None and Nq != N and mask.shape[-2] != 1:
-            mask = mask[..., :Nq, :]
         if self.needs_pattern:
-            # [b, h, q, k]; the 1/sqrt(d_head) scale is applied inside the GEMM (no extra pass)
-            qh = q.transpose(1, 2).reshape(B * H, Nq, E)
-            kh = k.permute(0, 2, 3, 1).reshape(B * H, E, N)
-            scores = torch.baddbmm(qh.new_zeros(()).expand(1, 1, 1), qh, kh, beta=0.0, alpha=1.0 / math.sqrt(E))
-            scores = scores.view(B, H, Nq, N)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            scores = self.hook_attn_scores(scores)
-            pattern = torch.softmax(scores, dim=-1)
-            if mask is not None:
-                pattern = torch.nan_to_num(pattern)  # rows with every key masked attend to nothing
-            pattern = self.hook_pattern(pattern)
-            z = torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
-        else:
-            if mask is not None:
-                mask = mask.expand(B, H, Nq, N)
-            z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-            )  # [batch, head, query_pos, d_head]
-            z = z.transpose(1, 2)
-            if mask is not None:
-                z = torch.nan_to_num(z)
-        z = self.hook_z(z)  # [batch, query_pos, head, d_head]
+            return self.forward_scores(self._scores(q, k), v)
+        return self.forward_z(self._fused_z(q, k, v))
 
+    def _mask(self, n_queries: int, n_keys: int) -> Optional[Tensor]:
+        """``attn_mask`` for the first ``n_queries`` queries."""
+        mask = self.attn_mask
+        if mask is not None and n_queries != n_keys and mask.shape[-2] != 1:
+            mask = mask[..., :n_queries, :]
+        return mask
+
+    def _scores(self, q: Tensor, k: Tensor) -> Float[Tensor, "batch head query_pos key_pos"]:
+        """The scaled (and masked) scores, before ``hook_attn_scores``."""
+        B, N = k.shape[0], k.shape[1]
+        H, E = self.cfg.n_heads, self.cfg.d_head
+        Nq = q.shape[1]
+        mask = self._mask(Nq, N)
+        # [b, h, q, k]; the 1/sqrt(d_head) scale is applied inside the GEMM (no extra pass)
+        qh = q.transpose(1, 2).reshape(B * H, Nq, E)
+        kh = k.permute(0, 2, 3, 1).reshape(B * H, E, N)
+        scores = torch.baddbmm(qh.new_zeros(()).expand(1, 1, 1), qh, kh, beta=0.0, alpha=1.0 / math.sqrt(E))
+        scores = scores.view(B, H, Nq, N)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores
+
+    def _fused_z(self, q: Tensor, k: Tensor, v: Tensor) -> Float[Tensor, "batch query_pos head d_head"]:
+        """The heads' outputs by the fused kernel (the pattern never materialised), before ``hook_z``."""
+        B, N = k.shape[0], k.shape[1]
+        H = self.cfg.n_heads
+        Nq = q.shape[1]
+        mask = self._mask(Nq, N)
+        if mask is not None:
+            mask = mask.expand(B, H, Nq, N)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )  # [batch, head, query_pos, d_head]
+        z = z.transpose(1, 2)
+        if mask is not None:
+            z = torch.nan_to_num(z)
+        return z
+
+    def forward_scores(
+        self, scores: Float[Tensor, "batch head query_pos key_pos"], v: Float[Tensor, "batch pos head d_head"]
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """The attention from its (masked) scores and the values (after ``hook_v``), from
+        ``hook_attn_scores`` on: the materialised path of :meth:`forward_qkv`."""
+        scores = self.hook_attn_scores(scores)
+        pattern = torch.softmax(scores, dim=-1)
+        if self.attn_mask is not None:
+            pattern = torch.nan_to_num(pattern)  # rows with every key masked attend to nothing
+        return self.forward_pattern(pattern, v)
+
+    def forward_pattern(
+        self, pattern: Float[Tensor, "batch head query_pos key_pos"], v: Float[Tensor, "batch pos head d_head"]
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """The attention from its pattern and the values (after ``hook_v``), from ``hook_pattern`` on."""
+        pattern = self.hook_pattern(pattern)
+        z = torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
+        return self.forward_z(z)
+
+    def forward_z(self, z: Float[Tensor, "batch query_pos head d_head"]) -> Float[Tensor, "batch query_pos d_model"]:
+        """The attention output from the heads' outputs before ``W_O``, from ``hook_z`` on."""
+        z = self.hook_z(z)  # [batch, query_pos, head, d_head]
         if self.cfg.use_attn_result:
-            result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
-            return result.sum(dim=-2) + self.b_O
+            return self.forward_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
+        B, Nq = z.shape[0], z.shape[1]
+        H, E = self.cfg.n_heads, self.cfg.d_head
         return F.linear(z.reshape(B, Nq, H * E), self.W_O.reshape(H * E, -1).T, self.b_O)
+
+    def forward_result(
+        self, result: Float[Tensor, "batch query_pos head d_model"]
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """The attention output from the per-head outputs ``z @ W_O`` (``cfg.use_attn_result``), from
+        ``hook_result`` on."""
+        result = self.hook_result(result)
+        return result.sum(dim=-2) + self.b_O
