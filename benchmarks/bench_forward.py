@@ -38,7 +38,7 @@ heap in, hit all of them alike; the median of each is reported with the ratio ag
   when ``vit_prisma`` imports here.
 
 The default run (no peers: 10 rounds, warm-up included, of 7 calls in two processes, on ViT-B/16 batch 8,
-then on ViT-Ti/16 batch 32) takes about 4 minutes on a quiet 2-core machine; ``--floor`` adds 2 calls a
+then 22 rounds on ViT-Ti/16 batch 32) takes about 5 minutes on a quiet 2-core machine; ``--floor`` adds 2 calls a
 round, ``--peers`` 3-4 ViT-B calls.
 
 Targets (issue 17, quiet machine): hooked forward and the residual-stream cache <= 1.03x timm; the
@@ -66,7 +66,11 @@ from _common import add_common_args, setup  # noqa: E402  (benchmarks/_common.py
 from _timing import Timings, interleaved, round_order, sync  # noqa: E402  (benchmarks/_timing.py, the shared timing helper)
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RUNS = (("vit_base_patch16_224", 8), ("vit_tiny_patch16_224", 32))
+#: the default run: (model, batch, repetitions). ViT-Ti/16's calls take a third of ViT-B/16's, so it gets more
+#: repetitions for about the same time: with 9, single calls spreading up to 1.9x max/min moved its hooked-forward
+#: median by +-7% between two quiet runs (a 30-repetition run: 1.00x)
+DEFAULT_RUNS = (("vit_base_patch16_224", 8, 9), ("vit_tiny_patch16_224", 32, 21))
+DEFAULT_REPS = 9
 #: rows of the kept-memory process -> the row whose target they share
 KEPT_ROWS = {"kept: timm": None, "kept: cache": "run_with_cache", "kept: resid": "resid cache", "kept: floor": None}
 _MSG = "@@bench_forward "  # protocol lines of a worker process (anything else it prints is passed to stderr)
@@ -429,7 +433,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="one timm model (default: ViT-B/16 batch 8, then ViT-Ti/16 batch 32)")
     p.add_argument("--batch", type=int, default=None, help="batch size (with --model; default 8)")
-    p.add_argument("--reps", type=int, default=9, help="timed repetitions of each variant (>= 9 for the report)")
+    p.add_argument("--reps", type=int, default=None,
+                   help=f"timed repetitions of each variant (>= 9 for the report; default {DEFAULT_REPS}, "
+                        "21 for ViT-Ti/16 in the default run)")
     p.add_argument("--warmup", type=int, default=1)
     add_common_args(p, device="cpu", threads=None, dtype="float32")
     p.add_argument("--peers", action="store_true",
@@ -443,10 +449,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     setup(args, p)  # threads; refuses a device that is not there (exit 2)
     if args.worker:
-        return worker(args.worker, args.model, args.batch or 8, args)
-    runs = [(args.model, args.batch or 8)] if args.model else list(DEFAULT_RUNS)
+        return worker(args.worker, args.model, args.batch or 8, args)  # its rounds come one by one: no --reps
+    runs = [(args.model, args.batch or 8, DEFAULT_REPS)] if args.model else list(DEFAULT_RUNS)
     if args.batch and not args.model:
-        runs = [(m, args.batch) for m, _ in runs]
+        runs = [(m, args.batch, r) for m, _, r in runs]
+    if args.reps is not None:
+        runs = [(m, b, args.reps) for m, b, _ in runs]
     if len(runs) > 1:
         # one fresh process per model: the allocator's state (what the previous model's caches left in the
         # heap) would otherwise carry over and hide the page faults of the next model's first process;
@@ -455,12 +463,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         given = list(sys.argv[1:] if argv is None else argv)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         rc = 0
-        for i, (name, batch) in enumerate(runs):
+        for i, (name, batch, reps) in enumerate(runs):
             cmd = [sys.executable, str(Path(__file__).resolve()), *given, "--model", name, "--batch", str(batch)]
+            cmd += [] if args.reps is not None else ["--reps", str(reps)]
             r = subprocess.run(cmd + ([] if i == 0 else ["--no-peers"]), env=env)
             rc = max(rc, r.returncode)
         return rc
-    name, batch = runs[0]
+    name, batch, args.reps = runs[0]
     ok = bench_one(name, batch, args, peers=args.peers or bool(args.prisma_python))
     return 0 if ok else 1
 

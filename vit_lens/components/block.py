@@ -65,6 +65,10 @@ class TransformerBlock(nn.Module):
         if n_queries is not None:
             resid_pre = resid_pre[:, :n_queries]
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        # free the attention output now, as timm's ``x = x + attn(...)`` does: kept alive through the
+        # MLP it sat below the MLP's temporaries, whose release then left a free heap top large enough
+        # for glibc to trim in every block (and the next block to page-fault it in again)
+        del attn_out
         if self.cfg.post_norm:
             mlp_out = self.hook_mlp_out(self.ln2(self.mlp(resid_mid)))
         else:

@@ -49,6 +49,6 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(F.linear(x, self.W_in.T, self.b_in))
-        post = self.hook_post(self.act(pre))
+        # nested, so that the pre-activation is freed before the output projection (as in timm's Mlp)
+        post = self.hook_post(self.act(self.hook_pre(F.linear(x, self.W_in.T, self.b_in))))
         return F.linear(post, self.W_out.T, self.b_out)
