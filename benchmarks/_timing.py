@@ -164,7 +164,6 @@ def interleaved(
     warmup: int = 1,
     *,
     rotate: bool = True,
-    order: str = "balanced",
     device: Any = None,
     clock: Clock = time.perf_counter,
 ) -> Timings:
@@ -174,11 +173,9 @@ def interleaved(
         variants: name -> a zero-argument callable (its result is dropped before the next call).
         reps: timed repetitions of each variant.
         warmup: untimed rounds of every variant first.
-        rotate: vary the order between repetitions, by ``order``; ``False`` keeps the given order
-            in every repetition.
-        order: ``"balanced"`` (default: every variant runs right after every other equally
-            often) or ``"rotate"`` (repetition ``r`` starts at variant ``r % n``); see
-            :func:`round_order`.
+        rotate: vary the order between repetitions, in the balanced order of :func:`round_order`
+            (every variant first, and right after every other, equally often); ``False`` keeps the
+            given order in every repetition.
         device: a CUDA device to synchronise around each call (``None``/CPU: no sync).
         clock: the timer (``time.perf_counter``; a fake one in tests).
 
@@ -193,7 +190,7 @@ def interleaved(
         for fn in variants.values():
             fn()
     for r in range(reps):
-        for i in round_order(len(names), r, order if rotate else "fixed"):
+        for i in round_order(len(names), r, "balanced" if rotate else "fixed"):
             name = names[i]
             out, _ = t.timed(name, variants[name], device)
             del out

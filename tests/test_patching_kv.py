@@ -111,6 +111,27 @@ def _no_overrides(m):
     return all("forward" not in b.attn.__dict__ and "project_qkv" not in b.attn.__dict__ for b in m.blocks)
 
 
+def _interrupted_then_again(sweep, m, pair, hook, chunk_size, stop_at):
+    """Run ``sweep`` with a metric that raises KeyboardInterrupt at its ``stop_at``-th call: the model
+    must keep no override of the sweep's, and the sweep run again must give the uninterrupted values."""
+    clean, corr = pair
+    ref = sweep(m, clean, corr, METRIC, hook=hook, progress=False, chunk_size=chunk_size)
+    calls = []
+
+    def stops(logits):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return METRIC(logits)
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(m, clean, corr, stops, hook=hook, progress=False, chunk_size=chunk_size)
+    assert len(calls) == stop_at  # it did stop in the middle
+    assert _no_overrides(m)
+    again = sweep(m, clean, corr, METRIC, hook=hook, progress=False, chunk_size=chunk_size)
+    assert torch.equal(again.values, ref.values)
+
+
 # ------------------------------------------------------------------ which patches reuse what
 def test_reuse_entry_of_every_block_hook():
     """The case analysis, per hook of a block, for pre-norm and post-norm blocks."""
@@ -284,22 +305,8 @@ def test_a_metric_reading_a_bypassed_hook_turns_reuse_off(pair):
 def test_an_interrupted_sweep_leaves_the_model_as_it_was(pair):
     """A sweep stopped in the middle of a chunk (Ctrl-C) removes its overrides; the sweep run again
     gives the uninterrupted values."""
-    m = _model("token")
-    clean, corr = pair
-    ref = patch_positions_sweep(m, clean, corr, METRIC, hook="attn_out", progress=False, chunk_size=3)
-    calls = []
-
-    def stops(logits):
-        calls.append(1)
-        if len(calls) == 4:  # the two baselines, then two chunks
-            raise KeyboardInterrupt
-        return METRIC(logits)
-
-    with pytest.raises(KeyboardInterrupt):
-        patch_positions_sweep(m, clean, corr, stops, hook="attn_out", progress=False, chunk_size=3)
-    assert _no_overrides(m)
-    again = patch_positions_sweep(m, clean, corr, METRIC, hook="attn_out", progress=False, chunk_size=3)
-    assert torch.equal(again.values, ref.values)
+    _interrupted_then_again(patch_positions_sweep, _model("token"), pair, "attn_out", chunk_size=3,
+                            stop_at=4)  # the two baselines, then two chunks
 
 
 def test_neuron_sweep_reuses_the_attention_and_equals_the_naive_loop(pair):
@@ -547,22 +554,7 @@ def test_a_hook_on_a_bypassed_point_turns_the_start_at_the_hook_off(monkeypatch,
 def test_an_interrupted_z_sweep_resumes_to_the_same_values(pair):
     """Stopped in the middle (Ctrl-C in the metric), a sweep starting its runs at ``hook_z`` removes its
     override; run again it gives the uninterrupted values."""
-    m = _deep("avg")
-    clean, corr = pair
-    ref = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", progress=False, chunk_size=2)
-    calls = []
-
-    def stops(logits):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return METRIC(logits)
-
-    with pytest.raises(KeyboardInterrupt):
-        patch_heads_sweep(m, clean, corr, stops, hook="attn.hook_z", progress=False, chunk_size=2)
-    assert _no_overrides(m)
-    again = patch_heads_sweep(m, clean, corr, METRIC, hook="attn.hook_z", progress=False, chunk_size=2)
-    assert torch.equal(again.values, ref.values)
+    _interrupted_then_again(patch_heads_sweep, _deep("avg"), pair, "attn.hook_z", chunk_size=2, stop_at=5)
 
 
 def test_starting_at_the_pattern_with_separate_projections(pair):
