@@ -99,10 +99,11 @@ def _naive_positions(m, clean, corrupted, hook):
     return torch.stack([torch.stack([_naive(m, corrupted, n, cache[n], pos=p) for p in range(P)]) for n in names])
 
 
-def _sweep(m, clean, corrupted, hook, reuse=True, **kw):
+def _sweep(m, clean, corrupted, hook, reuse=True, sweep=patch_positions_sweep, **kw):
+    """``sweep`` (positions by default) with the reuse at the patched layer on or off."""
     patching._REUSE_AT_PATCHED_LAYER = reuse
     try:
-        return patch_positions_sweep(m, clean, corrupted, METRIC, hook=hook, progress=False, **kw)
+        return sweep(m, clean, corrupted, METRIC, hook=hook, progress=False, **kw)
     finally:
         patching._REUSE_AT_PATCHED_LAYER = True
 
@@ -446,11 +447,7 @@ def test_a_patch_inside_the_attention_starts_each_run_at_its_hook(monkeypatch, p
 
 
 def _sweep_heads(m, clean, corr, hook, reuse=True, **kw):
-    patching._REUSE_AT_PATCHED_LAYER = reuse
-    try:
-        return patch_heads_sweep(m, clean, corr, METRIC, hook=hook, progress=False, **kw)
-    finally:
-        patching._REUSE_AT_PATCHED_LAYER = True
+    return _sweep(m, clean, corr, hook, reuse, sweep=patch_heads_sweep, **kw)
 
 
 def test_no_start_at_the_hook_under_an_attention_mask(pair):
